@@ -14,7 +14,7 @@ from .fold import fold_bn
 
 # %% auto #0
 __all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'quantize_model', 'act_quantizers',
-           'weight_quantizers', 'set_bits', 'set_weight_mode', 'quant_state']
+           'weight_quantizers', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -174,3 +174,19 @@ def quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> It
     try: yield model
     finally:
         for q, e in zip(qs, before): q.enabled = e
+
+# %% ../nbs/04_blocks.ipynb #f15250a1
+def freeze_bits(model: QuantModel, a_bits: int) -> QuantModel:
+    "A copy of `model` whose switchable activation quantizers hold only the step and zero point of `a_bits`."
+    import copy
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        for child_name, q in list(m.named_children()):
+            if isinstance(q, ActQuantizer) and q.switchable:
+                i = q.index(a_bits)
+                single = ActQuantizer((a_bits,))
+                single.scale.data[0], single.zero_point[0] = q.scale.data[i], q.zero_point[i]
+                single.enabled, single.idx = q.enabled, 0
+                setattr(m, child_name, single)
+    out.a_bits = (a_bits,)
+    return out

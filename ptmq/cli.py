@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_cli.ipynb #f163319f
 from __future__ import annotations
-import argparse, json, logging, os, shutil, sys, time
+import argparse, json, logging, os, shutil, signal, sys, time
 from pathlib import Path
 from typing import Any
 from .experiment import ParamsError, load_params, write_json
@@ -12,7 +12,7 @@ from .experiment import ParamsError, load_params, write_json
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_TOP1', 'template_path', 'run', 'is_done', 'run_all', 'index_rows', 'write_index', 'main']
+__all__ = ['log', 'PAPER_TOP1', 'template_path', 'run', 'is_done', 'run_all', 'index_rows', 'write_index', 'plot_summary', 'main']
 
 # %% ../nbs/09_cli.ipynb #a7636c4e
 def template_path() -> Path:
@@ -37,7 +37,8 @@ def run(params_file: str | os.PathLike, overrides: list[str] | None = None, repo
     template = template_path()
     reports = Path(reports); reports.mkdir(parents=True, exist_ok=True)
     final, work = reports / p.name, reports / f'.{p.name}.running-{os.getpid()}'
-    shutil.rmtree(work, ignore_errors=True); work.mkdir()
+    for stale in reports.glob(f'.{p.name}.running-*'): shutil.rmtree(stale, ignore_errors=True)   # left by a killed run
+    work.mkdir()
     nb_out = work / 'report.ipynb'
     log.info("running %s (%s) -> %s", p.name, params_file, final)
     t0 = time.perf_counter()
@@ -129,8 +130,31 @@ def write_index(reports: str | os.PathLike = 'reports') -> Path:
     if not rows: lines.append('| (no reports yet) | | | | | | | | | | | |')
     failed = sorted(reports.glob('*.FAILED.ipynb'))
     if failed: lines += ['', 'Failed runs (partial notebooks): ' + ', '.join(f'[{f.name}]({f.name})' for f in failed)]
+    if rows: plot_summary(reports)
     out = reports / 'README.md'
     tmp = out.with_suffix('.md.tmp'); tmp.write_text('\n'.join(lines) + '\n'); os.replace(tmp, out)
+    return out
+
+def plot_summary(reports: str | os.PathLike = 'reports') -> Path:
+    "Draw `reports/summary.png`: top-1 of PTMQ and round-to-nearest per bit-width, one panel per experiment, FP32 dashed."
+    import matplotlib
+    import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
+    recs = [json.loads(f.read_text()) for f in sorted(Path(reports).glob('*/results.json'))]
+    fig, axes = plt.subplots(1, len(recs), figsize=(4.2 * len(recs), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], recs):
+        df = pd.DataFrame([x for x in r['results'] if x['method'] in ('ptmq', 'rtn')])
+        df['bits'] = [f"W{w}A{a}" for w, a in zip(df.w_bits, df.a_bits)]
+        df['method'] = df.method.map({'ptmq': 'PTMQ (one calibration)', 'rtn': 'round-to-nearest'})
+        sns.barplot(data=df, x='bits', y='top1', hue='method', ax=ax, palette=['#4c72b0', '#c0c0c0'],
+                    hue_order=['PTMQ (one calibration)', 'round-to-nearest'])
+        ax.axhline(r['fp32_top1'], ls='--', c='k', lw=1, label=f"FP32 {r['fp32_top1']:.2f}")
+        lo = min(df.top1.min(), r['fp32_top1'])
+        ax.set_ylim(max(0, lo - 5), min(100, max(df.top1.max(), r['fp32_top1']) + 2))
+        ax.set_title(f"{r['model']} ({r['dataset']})", fontsize=10); ax.set_xlabel(''); ax.set_ylabel('top-1 (%)')
+        ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    out = Path(reports) / 'summary.png'
+    fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
 # %% ../nbs/09_cli.ipynb #30f44558
@@ -150,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument('--reports', default='reports')
     sub.add_parser('index', help='regenerate reports/README.md').add_argument('--reports', default='reports')
     args = ap.parse_args(argv)
+    def _term(*_): raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)       # a killed run cleans up like Ctrl-C
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
     try:
         if args.cmd in (None, 'run'):
@@ -167,3 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr); return 1
     return 0
+
+# %% ../nbs/09_cli.ipynb #339aa255
+#| eval: false
+if __name__ == '__main__': sys.exit(main())

@@ -50,8 +50,13 @@ class ExperimentParams:
     description: str = ''
 
     def path(self, p: str | None) -> Path | None:
-        "`p` with variables expanded, relative to `data_root`."
+        "`p` with variables expanded, relative to `data_root`; `builtin:digits/...` is the offline digits set (made at first use)."
         if p is None or p == '': return None
+        if p.startswith('builtin:'):
+            name, _, rest = p[len('builtin:'):].partition('/')
+            if name != 'digits': raise ParamsError(f"unknown built-in data set {name!r} (known: digits)")
+            from ptmq.digits import digits_folder
+            return digits_folder() / rest
         p = Path(expand(p))
         return p if p.is_absolute() else Path(expand(self.data_root)) / p
 

@@ -145,7 +145,12 @@ def _cifar_spec(depth: int) -> ModelSpec:
     return ModelSpec(f'cifar_resnet{depth}', lambda weights=None, pretrained=True: cifar_resnet(depth, weights, pretrained), 'cifar10',
                      dict(input_size=(3, 32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False))
 
+def _digits(weights=None, pretrained=True):
+    from ptmq.digits import digits_resnet8
+    return digits_resnet8(weights, pretrained)
+
 MODELS: dict[str, ModelSpec] = {
+    'digits_resnet8': ModelSpec('digits_resnet8', _digits, 'digits', dict(input_size=(3, 8, 8), mean=(0.5,) * 3, std=(0.5,) * 3, resize=False)),
     **{f'cifar_resnet{d}': _cifar_spec(d) for d in (20, 32, 44, 56, 110)},
     **{n: ModelSpec(n, lambda weights=None, pretrained=True, n=n: torchvision_model(n, weights, pretrained), 'imagenet') for n in TORCHVISION_MODELS},
     **{n: ModelSpec(n, lambda weights=None, pretrained=True, n=n: timm_model(n, weights, pretrained), 'imagenet') for n in TIMM_MODELS},

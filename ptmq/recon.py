@@ -168,7 +168,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     xs = {b: x_fp for b in cfg.a_bits}
     units = list(qmodel.units)
     total = len(units) * cfg.iters
-    log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
+    if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
+    else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds = [], []
     with tqdm(total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', disable=not progress or total == 0, unit='it') as bar:
         for k, unit in enumerate(units):

@@ -1,0 +1,97 @@
+import copy
+import pytest
+import torch
+from torch import nn
+import torchvision
+from torchvision.models.resnet import ResNet, Bottleneck
+from ptmq.models import create_model, CifarResNet
+from ptmq.blocks import quantize_model, quant_state, set_bits, freeze_bits, act_quantizers, QuantResidualBlock
+from ptmq.recon import PTMQConfig, ptmq, round_to_nearest
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+MODELS = {
+    'cifar_resnet20': (lambda: CifarResNet(20), 32),
+    'resnet18': (lambda: torchvision.models.resnet18(num_classes=10), 64),
+    'bottleneck_resnet': (lambda: ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10), 64),
+    'mobilenet_v2': (lambda: torchvision.models.mobilenet_v2(num_classes=10), 64),
+    'regnetx_006': (lambda: create_model('regnetx_006', pretrained=False), 64),
+}
+
+@pytest.mark.parametrize('name', list(MODELS))
+def test_wrapping_is_exact_without_quantization_and_close_at_8_bits(name):
+    build, size = MODELS[name]
+    fp = _randomize_bn(build())
+    x = torch.randn(4, 3, size, size)
+    qm = quantize_model(fp, w_bits=8, a_bits=(4, 8), observer='minmax')  # minmax: the wrapping is under test, not the observer
+    with torch.no_grad():
+        ref = fp(x)
+        with quant_state(qm, weights=False, acts=False): assert torch.allclose(qm(x), ref, atol=1e-4, rtol=1e-4)
+    rtn = round_to_nearest(fp, torch.randn(16, 3, size, size), PTMQConfig(w_bits=8, observe_images=16, observer='minmax', groups={'low': [4], 'mid': [6], 'high': [8]}))
+    with torch.no_grad():
+        out = set_bits(rtn, 8)(x)
+    cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.98, f"W8A8 output far from float (cosine {cos:.3f})"
+    assert sum(isinstance(u, QuantResidualBlock) for u in rtn.units) >= 4
+
+def test_first_last_layers_and_classifier_input_stay_at_8_bits():
+    qm = quantize_model(CifarResNet(20), w_bits=3, a_bits=(3, 4, 8))
+    stem, head = qm.units[0][0], qm.units[-1]
+    assert stem.wq.bits == 8 and head.fc.wq.bits == 8 and qm.units[1].body[0].wq.bits == 3
+    assert head.fc.in_q.bits == (8,) and not head.fc.in_q.switchable
+    set_bits(qm, 3)
+    assert head.fc.in_q.current_bits == 8 and qm.units[1].out_q.current_bits == 3
+
+@pytest.fixture(scope='module')
+def calibrated():
+    torch.manual_seed(0)
+    fp = _randomize_bn(CifarResNet(20))
+    cfg = PTMQConfig(iters=3, batch_size=4, observe_images=16, groups={'low': [3, 4], 'mid': [6], 'high': [8]})
+    return ptmq(fp, torch.randn(32, 3, 32, 32), cfg, progress=False)
+
+def test_switching_changes_only_an_index_and_is_bit_exact(calibrated):
+    qm, x = calibrated, torch.randn(3, 3, 32, 32)
+    state = {k: v.clone() for k, v in qm.state_dict().items()}
+    with torch.no_grad():
+        outs = {b: set_bits(qm, b)(x) for b in qm.a_bits}
+        again = {b: set_bits(qm, b)(x) for b in reversed(qm.a_bits)}
+    assert all(torch.equal(outs[b], again[b]) for b in qm.a_bits)
+    assert not torch.equal(outs[3], outs[8])
+    after = qm.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "switching must not change any parameter or buffer"
+    assert all(q.current_bits == 3 for q in act_quantizers(qm) if q.switchable)
+
+def test_switched_model_equals_quantizers_evaluated_directly_at_b(calibrated):
+    qm, x = calibrated, torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for b in qm.a_bits:
+            assert torch.equal(set_bits(qm, b)(x), freeze_bits(qm, b)(x))
+            q = qm.units[2].out_q; i = q.index(b)
+            t = torch.randn(100) * 3
+            from ptmq.quant import fake_quant
+            assert torch.equal(q(t), fake_quant(t, q.scale[i], q.zero_point[i], 0, 2 ** b - 1))
+
+def test_set_bits_rejects_uncalibrated_bit_width(calibrated):
+    with pytest.raises(ValueError, match='bit-width 5 is not calibrated'): set_bits(calibrated, 5)
+
+def test_calibration_is_deterministic():
+    fp = _randomize_bn(CifarResNet(20))
+    calib = torch.randn(16, 3, 32, 32)
+    cfg = PTMQConfig(iters=2, batch_size=4, observe_images=8, seed=3)
+    a, b = ptmq(fp, calib, cfg, progress=False), ptmq(fp, calib, cfg, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.calibration.history == b.calibration.history
+
+def test_unsupported_model_and_missing_bits():
+    with pytest.raises(TypeError, match='no quantized wrapping'): quantize_model(nn.Sequential(nn.Conv2d(3, 3, 1)), 4, (4,))
+    qm = quantize_model(CifarResNet(20), 4, (4, 8))
+    from ptmq.recon import calibrate
+    with pytest.raises(ValueError, match='no steps for bit-widths'): calibrate(qm, torch.randn(4, 3, 32, 32), PTMQConfig(iters=0))

@@ -1,0 +1,47 @@
+import pytest
+import torch
+from conftest import need_shared
+from ptmq.models import create_model, read_state_dict, WeightsError, cifar_resnet, model_spec
+from ptmq.data import model_transform, image_folder, preload, evaluate, calibration_images, make_toy_folder, seeded_subset
+
+def test_resnet20_checkpoint_reproduces_fp32_top1_exactly():
+    w = need_shared('weights', 'cifar10', 'resnet20-12fca82f.th')
+    test = need_shared('data', 'cifar10', 'test')
+    model = create_model('cifar_resnet20', weights=w)
+    ds = image_folder(test, model_transform('cifar_resnet20'))
+    assert len(ds) == 10000 and ds.classes[0] == 'airplane'
+    assert evaluate(model, ds, batch_size=500) == pytest.approx(81.03, abs=1e-9)   # 8103 / 10000, as measured by the data's provider
+
+def test_weights_errors(tmp_path):
+    with pytest.raises(WeightsError, match='not found'): create_model('cifar_resnet20', weights=tmp_path / 'nope.th')
+    bad = tmp_path / 'bad.th'; bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(WeightsError, match='cannot read'): create_model('cifar_resnet20', weights=bad)
+    other = tmp_path / 'r32.th'; torch.save({'state_dict': cifar_resnet(32, pretrained=False).state_dict()}, other)
+    with pytest.raises(WeightsError, match='does not fit'): create_model('cifar_resnet20', weights=other)
+    prefixed = tmp_path / 'dp.th'
+    torch.save({'best_prec1': 1.0, 'state_dict': {f'module.{k}': v for k, v in cifar_resnet(20, pretrained=False).state_dict().items()}}, prefixed)
+    assert all(not k.startswith('module.') for k in read_state_dict(prefixed))
+    create_model('cifar_resnet20', weights=prefixed)
+    with pytest.raises(ValueError, match='unknown model'): model_spec('resnet9000')
+
+def test_offline_download_error_names_the_file(monkeypatch, tmp_path):
+    def no_network(*a, **k): raise OSError('network unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    with pytest.raises(WeightsError, match=r'resnet20-12fca82f\.th'): create_model('cifar_resnet20')
+
+def test_calibration_images_seeded_and_folder_errors(tmp_path):
+    root = make_toy_folder(tmp_path / 'toy', classes=3, per_class=5)
+    tf = model_transform('cifar_resnet20')
+    a, b = calibration_images(root, tf, n=6, seed=1), calibration_images(root, tf, n=6, seed=1)
+    assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, calibration_images(root, tf, n=6, seed=2))
+    assert len(seeded_subset(image_folder(root), 100)) == 15
+    with pytest.raises(FileNotFoundError, match='data folder not found'): image_folder(tmp_path / 'missing')
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='not an ImageFolder'): image_folder(tmp_path / 'empty')
+
+def test_imagenet_preprocessing_comes_from_timm_data_config():
+    tf = model_transform('resnet18')
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names[:2] == ['Resize', 'CenterCrop'] and tf.transforms[1].size == (224, 224)
