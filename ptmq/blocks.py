@@ -72,9 +72,9 @@ class QuantModel(nn.Module):
 class QuantSpec:
     "Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer."
     def __init__(self, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
-                 observer: str = 'mse', p: float = 2.0):
+                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True):
         self.w_bits, self.a_bits, self.first_last_w_bits, self.head_a_bits = w_bits, tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
-        self.observer, self.p = observer, p
+        self.observer, self.p, self.quant_attn_matmul = observer, p, quant_attn_matmul
     def aq(self) -> ActQuantizer: return ActQuantizer(self.a_bits)
     def layer(self, conv, bn=None, act=None, out_q: bool = False, w_bits: int | None = None) -> QuantLayer:
         "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`."
@@ -134,16 +134,19 @@ def _regnet_units(m: nn.Module, s: QuantSpec) -> list[nn.Module]:
     return units
 
 def quantize_model(model: nn.Module, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8,
-                   head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0) -> QuantModel:
-    "Fold BN and wrap a supported float CNN into a multi-bit `QuantModel` (the float model is left as it is)."
+                   head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True) -> QuantModel:
+    "Fold BN and wrap a supported float CNN or timm ViT into a multi-bit `QuantModel` (the float model is left as it is)."
     from torchvision.models import ResNet, MobileNetV2
     from ptmq.models import CifarResNet
-    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p)
+    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul)
     model = model.eval()
     if isinstance(model, (ResNet, CifarResNet)): units = _resnet_units(model, s)
     elif isinstance(model, MobileNetV2): units = _mobilenetv2_units(model, s)
     elif type(model).__name__ == 'RegNet' and hasattr(model, 's4'): units = _regnet_units(model, s)
-    else: raise TypeError(f"no quantized wrapping for {type(model).__name__}; supported: ResNet, CifarResNet, MobileNetV2, timm RegNet")
+    elif type(model).__name__ == 'VisionTransformer' and hasattr(model, 'blocks'):
+        from ptmq.vit import vit_units
+        units = vit_units(model, s, quant_attn_matmul)
+    else: raise TypeError(f"no quantized wrapping for {type(model).__name__}; supported: ResNet, CifarResNet, MobileNetV2, timm RegNet, timm VisionTransformer")
     return QuantModel(units, s.a_bits, w_bits).eval()
 
 # %% ../nbs/04_blocks.ipynb #d7e5fe6a

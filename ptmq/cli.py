@@ -73,13 +73,15 @@ def is_done(params_file: str | os.PathLike, reports: str | os.PathLike = 'report
 
 def run_all(folder: str | os.PathLike = 'params', resume: bool = False, reports: str | os.PathLike = 'reports',
             overrides: list[str] | None = None, only: list[str] | None = None) -> dict[str, str]:
-    "Run every `*.yaml` of `folder` (or those whose names are in `only`); returns name -> 'done' / 'skipped' / 'failed: ...'."
-    files = sorted(Path(folder).glob('*.yaml'))
+    "Run every `*.yaml` under `folder` (or those whose file names are in `only`); returns name -> 'done' / 'skipped' / 'invalid: ...' / 'failed: ...'."
+    files = sorted(Path(folder).rglob('*.yaml'))
     if only: files = [f for f in files if f.stem in only]
-    if not files: raise ParamsError(f"no parameter files (*.yaml) in {folder}")
-    for f in files: load_params(f, overrides)
-    status = {}
-    for f in files:
+    if not files: raise ParamsError(f"no parameter files (*.yaml) under {folder}")
+    status, valid = {}, []
+    for f in files:                                   # validate every file before the first run
+        try: load_params(f, overrides); valid.append(f)
+        except ParamsError as e: status[f.stem] = f'invalid: {e}'; log.error("%s", e)
+    for f in valid:
         if resume and is_done(f, reports, overrides): status[f.stem] = 'skipped'; log.info("%s: results match, skipped", f.stem); continue
         try: run(f, overrides, reports, index=False); status[f.stem] = 'done'
         except KeyboardInterrupt: write_index(reports); raise
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument('params', nargs='?', default='params/default.yaml')
     r.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE', help='override a parameter, e.g. ptmq.iters=100')
     r.add_argument('--reports', default='reports')
-    a = sub.add_parser('run-all', help='run every parameter file of a folder')
+    a = sub.add_parser('run-all', help='run every parameter file under a folder')
     a.add_argument('folder', nargs='?', default='params')
     a.add_argument('--resume', action='store_true', help='skip experiments whose results exist with the same parameters')
     a.add_argument('--only', nargs='*', help='names of the parameter files to run')
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == 'run-all':
             status = run_all(args.folder, args.resume, args.reports, args.overrides, args.only)
             for k, v in status.items(): print(f"{k}: {v}")
-            return 1 if any(v.startswith('failed') for v in status.values()) else 0
+            return 1 if any(v.startswith(('failed', 'invalid')) for v in status.values()) else 0
         elif args.cmd == 'index': print(write_index(args.reports))
     except (ParamsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr); return 2

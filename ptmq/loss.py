@@ -13,9 +13,9 @@ __all__ = ['lp_distance', 'gd_loss', 'rounding_reg', 'beta_schedule']
 
 # %% ../nbs/06_gdloss.ipynb #ea10fd20
 def lp_distance(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
-    "`|pred - target|^p` summed over dimension 1 (channels or features), averaged over all other dimensions."
+    "`|pred - target|^p` summed over the feature dimension (1, or -1 for `[B, N, C]` tokens), averaged over all others."
     d = pred - target
-    return (d.square() if p == 2 else d.abs().pow(p)).sum(1).mean()
+    return (d.square() if p == 2 else d.abs().pow(p)).sum(-1 if d.dim() == 3 else 1).mean()
 
 # %% ../nbs/06_gdloss.ipynb #1c88ea46
 def gd_loss(f_l: Tensor, f_m: Tensor, f_h: Tensor, f_fp: Tensor, lambdas: Sequence[float] = (1/3, 1/3, 1/3),

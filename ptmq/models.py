@@ -14,8 +14,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['AKAMASTER_URL', 'AKAMASTER_FILES', 'TORCHVISION_MODELS', 'TIMM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MODELS',
-           'OptionAShortcut', 'CifarBasicBlock', 'CifarResNet', 'WeightsError', 'read_state_dict', 'load_weights',
-           'cifar_resnet', 'torchvision_model', 'timm_model', 'ModelSpec', 'model_spec', 'create_model']
+           'OptionAShortcut', 'CifarBasicBlock', 'CifarResNet', 'WeightsError', 'read_checkpoint', 'read_state_dict',
+           'load_weights', 'cifar_resnet', 'torchvision_model', 'timm_model', 'ModelSpec', 'timm_vit_checkpoint',
+           'model_spec', 'create_model']
 
 # %% ../nbs/02_models.ipynb #da13d4d1
 class OptionAShortcut(nn.Module):
@@ -66,12 +67,16 @@ AKAMASTER_FILES = {20: 'resnet20-12fca82f.th', 32: 'resnet32-d509ac18.th', 44: '
 class WeightsError(RuntimeError):
     "Weights could not be found, read or matched to the model."
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    "The state dict in a checkpoint file: a bare state dict, or one under `'state_dict'`/`'model'`, `module.` prefixes removed."
+def read_checkpoint(path: str | os.PathLike):
+    "The object saved in a checkpoint file, read with `weights_only=True`, with clear errors for a missing or unreadable file."
     path = Path(path).expanduser()
     if not path.is_file(): raise WeightsError(f"weights file not found: {path}")
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise WeightsError(f"cannot read weights file {path}: {e}") from e
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    "The state dict in a checkpoint file: a bare state dict, or one under `'state_dict'`/`'model'`, `module.` prefixes removed."
+    ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict):
         for key in ('state_dict', 'model'):
             if isinstance(ckpt.get(key), dict): ckpt = ckpt[key]; break
@@ -106,7 +111,7 @@ def cifar_resnet(depth: int = 20, weights: str | os.PathLike | None = None, pret
 
 # %% ../nbs/02_models.ipynb #69a051d6
 TORCHVISION_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'mobilenet_v2')
-TIMM_MODELS = ('regnetx_006',)
+TIMM_MODELS = ('regnetx_006', 'vit_small_patch16_224', 'vit_base_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224')
 
 def torchvision_model(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
     "A torchvision ImageNet model with the weights in a local file, else its default pretrained weights (random if not `pretrained`)."
@@ -145,6 +150,16 @@ def _cifar_spec(depth: int) -> ModelSpec:
     return ModelSpec(f'cifar_resnet{depth}', lambda weights=None, pretrained=True: cifar_resnet(depth, weights, pretrained), 'cifar10',
                      dict(input_size=(3, 32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD, resize=False))
 
+def timm_vit_checkpoint(weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
+    "A timm VisionTransformer from a checkpoint `{'config': VisionTransformer kwargs, 'state_dict': ...}` (e.g. the CIFAR-10 ViT)."
+    from timm.models.vision_transformer import VisionTransformer
+    if weights is None:
+        raise WeightsError("this ViT has no published download: pass weights=/path/to/vit_cifar10_p4_d192x6.pth "
+                           "(a dict with 'config' and 'state_dict'; see ../shared/README.md)")
+    ckpt = read_checkpoint(weights)
+    if not isinstance(ckpt, dict) or 'config' not in ckpt: raise WeightsError(f"{weights} has no 'config' entry for building the ViT")
+    return load_weights(VisionTransformer(**ckpt['config']), weights).eval()
+
 def _digits(weights=None, pretrained=True):
     from ptmq.digits import digits_resnet8
     return digits_resnet8(weights, pretrained)
@@ -154,6 +169,8 @@ MODELS: dict[str, ModelSpec] = {
     **{f'cifar_resnet{d}': _cifar_spec(d) for d in (20, 32, 44, 56, 110)},
     **{n: ModelSpec(n, lambda weights=None, pretrained=True, n=n: torchvision_model(n, weights, pretrained), 'imagenet') for n in TORCHVISION_MODELS},
     **{n: ModelSpec(n, lambda weights=None, pretrained=True, n=n: timm_model(n, weights, pretrained), 'imagenet') for n in TIMM_MODELS},
+    'cifar10_vit_p4_d192x6': ModelSpec('cifar10_vit_p4_d192x6', timm_vit_checkpoint, 'cifar10',
+                                       dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, resize=False)),
 }
 
 def model_spec(name: str) -> ModelSpec:

@@ -45,6 +45,7 @@ class PTMQConfig:
     observer_p: float = 2.0
     observe_images: int = 256
     batched_bits: bool | None = None
+    quant_attn_matmul: bool = True
     log_every: int = 0
     seed: int = 0
     device: str = 'auto'
@@ -198,7 +199,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
 def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progress: bool = True) -> QuantModel:
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
-    qm = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p)
+    qm = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
+                        cfg.quant_attn_matmul)
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm
 
