@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
 from .blocks import QuantModel, quantize_model, act_quantizers, weight_quantizers, set_bits, quant_state
 from .mfm import BitGroups, MultiBitFeatureMixer, MFM_MODES
-from .loss import gd_loss, rounding_reg, beta_schedule
+from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance
 
 log = logging.getLogger('ptmq')
 
@@ -46,6 +46,7 @@ class PTMQConfig:
     observe_images: int = 256
     batched_bits: bool | None = None
     quant_attn_matmul: bool = True
+    single_bits: int | None = None
     log_every: int = 0
     seed: int = 0
     device: str = 'auto'
@@ -56,6 +57,8 @@ class PTMQConfig:
         for name in ('w_bits', 'first_last_w_bits', 'head_a_bits'):
             v = getattr(self, name)
             if not isinstance(v, int) or not 2 <= v <= 8: raise ValueError(f"{name} must be an integer in 2..8, got {v!r}")
+        if self.single_bits is not None and (not isinstance(self.single_bits, int) or not 2 <= self.single_bits <= 8):
+            raise ValueError(f"single_bits must be None or an integer in 2..8, got {self.single_bits!r}")
         for name in ('iters', 'log_every'):
             if getattr(self, name) < 0: raise ValueError(f"{name} must be >= 0")
         for name in ('batch_size', 'observe_images'):
@@ -68,7 +71,7 @@ class PTMQConfig:
         MultiBitFeatureMixer(self.mix_lambdas, self.drop_prob, self.mfm)  # validates lambdas and p
 
     @property
-    def a_bits(self) -> tuple[int, ...]: return self.groups.all_bits
+    def a_bits(self) -> tuple[int, ...]: return (self.single_bits,) if self.single_bits is not None else self.groups.all_bits
 
     def resolved_device(self) -> torch.device:
         return torch.device('cuda' if self.device == 'auto' and torch.cuda.is_available() else ('cpu' if self.device == 'auto' else self.device))
@@ -116,6 +119,27 @@ def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig) -> None:
         _run(unit, xs[b][:cfg.observe_images], chunk=cfg.observe_images)
         for q in qs: q.observer = None
 
+def _ptmq_loss(unit, x_fp, xs, idx, y_fp, cfg, mfm, gen, batched):
+    "One PTMQ step's loss: a bit-width per group, MFM inputs, the unit at low/mid/high bits, GD-Loss."
+    bits = cfg.groups.sample(gen)
+    inputs = mfm(x_fp, [xs[b][idx] for b in bits], gen)
+    if batched:
+        set_bits(unit, bits)
+        f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
+    else:
+        outs = []
+        for b, x_in in zip(bits, inputs):
+            set_bits(unit, b); outs.append(unit(x_in))
+        f_l, f_m, f_h = outs
+    loss, terms = gd_loss(f_l, f_m, f_h, y_fp, cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher)
+    return loss, terms, bits
+
+def _single_bit_loss(unit, x_fp, x_b, y_fp, cfg, mfm, gen):
+    "One baseline step: QDrop's input (float elements with probability `drop_prob`), the unit at one bit-width, `D(f_b, f_fp)`."
+    x_in = torch.where(mfm.fp_mask(x_fp, gen), x_fp, x_b) if cfg.drop_prob > 0 else x_b
+    set_bits(unit, cfg.single_bits)
+    return lp_distance(unit(x_in), y_fp)
+
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
            gen: torch.Generator, bar) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
@@ -133,17 +157,12 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     for it in range(cfg.iters):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen).to(dev)
-        bits = cfg.groups.sample(gen)
-        inputs = mfm(x_fp[idx], [xs[b][idx] for b in bits], gen)
-        if batched:
-            set_bits(unit, bits)
-            f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
+        if cfg.single_bits is not None:
+            bits = (cfg.single_bits,)
+            loss = _single_bit_loss(unit, x_fp[idx], xs[cfg.single_bits][idx], y_fp[idx], cfg, mfm, gen)
+            terms = {'fp': loss.item(), 'h_m': 0.0, 'h_l': 0.0}
         else:
-            outs = []
-            for b, x_in in zip(bits, inputs):
-                set_bits(unit, b); outs.append(unit(x_in))
-            f_l, f_m, f_h = outs
-        loss, terms = gd_loss(f_l, f_m, f_h, y_fp[idx], cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher)
+            loss, terms, bits = _ptmq_loss(unit, x_fp[idx], xs, idx, y_fp[idx], cfg, mfm, gen, batched)
         beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
         rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else torch.zeros((), device=dev)
         for o in opts: o.zero_grad(set_to_none=True)

@@ -95,3 +95,14 @@ def test_unsupported_model_and_missing_bits():
     qm = quantize_model(CifarResNet(20), 4, (4, 8))
     from ptmq.recon import calibrate
     with pytest.raises(ValueError, match='no steps for bit-widths'): calibrate(qm, torch.randn(4, 3, 32, 32), PTMQConfig(iters=0))
+
+@pytest.mark.parametrize('drop_prob', [0.5, 0.0])
+def test_single_bit_baselines_use_the_same_loop(drop_prob):
+    fp = _randomize_bn(CifarResNet(20))
+    cfg = PTMQConfig(iters=3, batch_size=4, observe_images=8, single_bits=4, drop_prob=drop_prob)
+    assert cfg.a_bits == (4,)
+    qm = ptmq(fp, torch.randn(16, 3, 32, 32), cfg, progress=False)
+    assert qm.a_bits == (4,) and all(q.bits in ((4,), (8,)) for q in act_quantizers(qm))
+    h = qm.calibration.history
+    assert {r['bits'] for r in h} == {'4'} and all(r['gd_h_m'] == 0.0 for r in h)
+    with pytest.raises(ValueError, match='single_bits'): PTMQConfig(single_bits=9)
