@@ -80,9 +80,10 @@ class QuantSpec:
         "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`."
         conv = fold_bn(conv, bn) if isinstance(conv, nn.Conv2d) else conv
         return QuantLayer(conv, w_bits or self.w_bits, act, self.aq() if out_q else None, observer=self.observer, p=self.p)
+    def linear(self, fc: nn.Linear, act=None) -> QuantLayer:
+        "A QuantLayer of a linear layer whose input is quantized at the model's activation bit-widths (transformer layers)."
+        return QuantLayer(fc, self.w_bits, act, in_q=self.aq(), observer=self.observer, p=self.p)
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
-        import copy
-        fc = copy.deepcopy(fc)
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
                                     observer=self.observer, p=self.p), pool)
 
@@ -138,8 +139,9 @@ def quantize_model(model: nn.Module, w_bits: int, a_bits: Sequence[int], first_l
     "Fold BN and wrap a supported float CNN or timm ViT into a multi-bit `QuantModel` (the float model is left as it is)."
     from torchvision.models import ResNet, MobileNetV2
     from ptmq.models import CifarResNet
+    import copy
     s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul)
-    model = model.eval()
+    model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
     if isinstance(model, (ResNet, CifarResNet)): units = _resnet_units(model, s)
     elif isinstance(model, MobileNetV2): units = _mobilenetv2_units(model, s)
     elif type(model).__name__ == 'RegNet' and hasattr(model, 's4'): units = _regnet_units(model, s)

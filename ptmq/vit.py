@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer
-from .blocks import QuantLayer, QuantSpec
+from .blocks import QuantSpec
 
 # %% auto #0
 __all__ = ['QuantViTEmbed', 'QuantAttention', 'QuantViTBlock', 'QuantViTHead', 'vit_units']
@@ -44,8 +44,7 @@ class QuantAttention(nn.Module):
         if not isinstance(attn.q_norm, nn.Identity) or not isinstance(getattr(attn, 'norm', nn.Identity()), nn.Identity):
             raise TypeError("attention with q/k normalisation is not supported yet")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.qkv = QuantLayer(attn.qkv, s.w_bits, in_q=s.aq(), observer=s.observer, p=s.p)
-        self.proj = QuantLayer(attn.proj, s.w_bits, in_q=s.aq(), observer=s.observer, p=s.p)
+        self.qkv, self.proj = s.linear(attn.qkv), s.linear(attn.proj)
         self.q_q, self.k_q, self.v_q, self.attn_q = ((s.aq(), s.aq(), s.aq(), s.aq()) if quant_matmul else (None,) * 4)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,8 +63,7 @@ class QuantViTBlock(nn.Module):
         self.attn = QuantAttention(blk.attn, s, quant_matmul)
         mlp = blk.mlp
         if not isinstance(getattr(mlp, 'norm', nn.Identity()), nn.Identity): raise TypeError("MLP with inner norm is not supported yet")
-        self.fc1 = QuantLayer(mlp.fc1, s.w_bits, act=mlp.act, in_q=s.aq(), observer=s.observer, p=s.p)
-        self.fc2 = QuantLayer(mlp.fc2, s.w_bits, in_q=s.aq(), observer=s.observer, p=s.p)
+        self.fc1, self.fc2 = s.linear(mlp.fc1, act=mlp.act), s.linear(mlp.fc2)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))

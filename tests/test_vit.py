@@ -57,3 +57,12 @@ def test_cifar_vit_checkpoint_loads_with_its_accuracy():
     assert sum(p.numel() for p in vit.parameters()) == pytest.approx(1.81e6, rel=0.01)
     ds = seeded_subset(image_folder(test, model_transform('cifar10_vit_p4_d192x6')), 1000, seed=0)
     assert evaluate(vit, ds) > 60.0    # 66.58 % on the full test set (../shared/README.md)
+
+def test_quantization_leaves_the_float_model_untouched():
+    vit = small_vit()
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    qm = ptmq(vit, torch.randn(16, 3, 32, 32), PTMQConfig(iters=1, batch_size=4, observe_images=8,
+                                                         groups={'low': [6], 'mid': [7], 'high': [8]}), progress=False)
+    assert all(p.requires_grad for p in vit.parameters())
+    assert qm.units[1].norm1 is not vit.blocks[0].norm1
+    assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())
