@@ -15,11 +15,12 @@ log = logging.getLogger('ptmq')
 __all__ = ['log', 'PAPER_TOP1', 'template_path', 'run', 'is_done', 'run_all', 'index_rows', 'write_index', 'plot_summary', 'main']
 
 # %% ../nbs/09_cli.ipynb #a7636c4e
-def template_path() -> Path:
-    "The experiment notebook papermill executes."
+def template_path(kind: str = 'experiment') -> Path:
+    "The notebook papermill executes: `run_experiment.ipynb`, or `run_benchmark.ipynb` beside it for `kind='benchmark'`."
     env = os.environ.get('PTMQ_TEMPLATE')
     p = Path(env) if env else Path(__file__).resolve().parent.parent / 'nbs' / 'run_experiment.ipynb'
-    if not p.is_file(): raise FileNotFoundError(f"experiment template not found: {p} (run ptmq from a checkout of the repository, or set PTMQ_TEMPLATE)")
+    if kind == 'benchmark': p = p.with_name('run_benchmark.ipynb')
+    if not p.is_file(): raise FileNotFoundError(f"{kind} template not found: {p} (run ptmq from a checkout of the repository, or set PTMQ_TEMPLATE)")
     return p
 
 def _to_html(nb_path: Path) -> None:
@@ -34,7 +35,7 @@ def run(params_file: str | os.PathLike, overrides: list[str] | None = None, repo
     import papermill as pm
     params_file = Path(params_file).resolve()
     p = load_params(params_file, overrides)          # every check before any expensive work
-    template = template_path()
+    template = template_path('benchmark' if p.benchmark is not None else 'experiment')
     reports = Path(reports); reports.mkdir(parents=True, exist_ok=True)
     final, work = reports / p.name, reports / f'.{p.name}.running-{os.getpid()}'
     for stale in reports.glob(f'.{p.name}.running-*'): shutil.rmtree(stale, ignore_errors=True)   # left by a killed run

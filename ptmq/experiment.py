@@ -48,6 +48,7 @@ class ExperimentParams:
     rtn: bool = True
     workers: int = 0
     description: str = ''
+    benchmark: Any = None      # a ptmq.bench.BenchmarkSpec: run the benchmark template instead of one experiment
 
     def path(self, p: str | None) -> Path | None:
         "`p` with variables expanded, relative to `data_root`; `builtin:digits/...` is the offline digits set (made at first use)."
@@ -73,6 +74,8 @@ class ExperimentParams:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d['ptmq'] = self.ptmq.to_dict()
+        if self.benchmark is None: del d['benchmark']
+        else: d['benchmark'] = self.benchmark.to_dict()
         return d
 
 def _set_nested(d: dict, key: str, value: Any) -> None:
@@ -110,7 +113,13 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         if k in raw and (not isinstance(raw[k], int) or raw[k] < 1): raise ParamsError(f"{source}: key {k!r} must be a positive integer, got {raw[k]!r}")
     if raw.get('eval_images') is not None and (not isinstance(raw['eval_images'], int) or raw['eval_images'] < 1):
         raise ParamsError(f"{source}: key 'eval_images' must be a positive integer or null (all), got {raw['eval_images']!r}")
-    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg})
+    bench = None
+    if raw.get('benchmark') is not None:
+        from ptmq.bench import BenchmarkSpec
+        if not isinstance(raw['benchmark'], dict): raise ParamsError(f"{source}: key 'benchmark' must be a mapping (settings, seeds, seeded, reuse)")
+        try: bench = BenchmarkSpec.from_dict(raw['benchmark'], ptmq_cfg)
+        except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'benchmark': {e}") from None
+    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'benchmark': bench})
     if check_paths: p.check_paths(source)
     return p
 

@@ -20,12 +20,12 @@ def lp_distance(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
 # %% ../nbs/06_gdloss.ipynb #1c88ea46
 def gd_loss(f_l: Tensor, f_m: Tensor, f_h: Tensor, f_fp: Tensor, lambdas: Sequence[float] = (1/3, 1/3, 1/3),
             g: Sequence[float] = (1.0, 1.0, 1.0), detach_teacher: bool = True, p: float = 2.0) -> tuple[Tensor, dict[str, float]]:
-    "Group-wise distillation loss and its three terms `{'fp', 'h_m', 'h_l'}` (unweighted, as floats)."
+    "Group-wise distillation loss and its three terms `{'fp', 'h_m', 'h_l'}` (unweighted, detached: reading them is the caller's choice)."
     mixed = lambdas[0] * f_l + lambdas[1] * f_m + lambdas[2] * f_h
     teacher = f_h.detach() if detach_teacher else f_h
     terms = {'fp': lp_distance(mixed, f_fp, p), 'h_m': lp_distance(f_m, teacher, p), 'h_l': lp_distance(f_l, teacher, p)}
     total = g[0] * terms['fp'] + g[1] * terms['h_m'] + g[2] * terms['h_l']
-    return total, {k: v.item() for k, v in terms.items()}
+    return total, {k: v.detach() for k, v in terms.items()}
 
 # %% ../nbs/06_gdloss.ipynb #331fd315
 def rounding_reg(hs: Sequence[Tensor], beta: float) -> Tensor:

@@ -174,7 +174,7 @@ class ActQuantizer(nn.Module):
             self.init_from(x, *self.observer); self.observer = None
         if isinstance(self.idx, int):
             i = self.idx
-            return lsq_quant(x, self.scale[i], self.zero_point[i], self.qmax[i], 1.0 / math.sqrt(x.numel() * self.qmax[i].item()))
+            return lsq_quant(x, self.scale[i], self.zero_point[i], self.qmax[i], 1.0 / math.sqrt(x.numel() * (2 ** self.bits[i] - 1)))
         idx = torch.tensor(self.idx, device=x.device)
         xg = x.reshape(len(self.idx), -1)
         qmax = self.qmax[idx][:, None]

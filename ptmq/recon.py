@@ -119,10 +119,10 @@ def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig) -> None:
         _run(unit, xs[b][:cfg.observe_images], chunk=cfg.observe_images)
         for q in qs: q.observer = None
 
-def _ptmq_loss(unit, x_fp, xs, idx, y_fp, cfg, mfm, gen, batched):
-    "One PTMQ step's loss: a bit-width per group, MFM inputs, the unit at low/mid/high bits, GD-Loss."
+def _ptmq_loss(unit, x_fp, xs, idx, y_fp, cfg, mfm, gen, dgen, batched):
+    "One PTMQ step's loss: a bit-width per group (drawn on the host), MFM inputs, the unit at low/mid/high bits, GD-Loss."
     bits = cfg.groups.sample(gen)
-    inputs = mfm(x_fp, [xs[b][idx] for b in bits], gen)
+    inputs = mfm(x_fp, [xs[b][idx] for b in bits], dgen)
     if batched:
         set_bits(unit, bits)
         f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
@@ -140,8 +140,13 @@ def _single_bit_loss(unit, x_fp, x_b, y_fp, cfg, mfm, gen):
     set_bits(unit, cfg.single_bits)
     return lp_distance(unit(x_in), y_fp)
 
+def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    "A host generator (bit-width draws) and one on `dev` (batch indices, MFM masks): no host-device traffic per step; one stream on CPU."
+    gen = torch.Generator().manual_seed(seed)
+    return gen, (gen if dev.type == 'cpu' else torch.Generator(device=dev).manual_seed(seed))
+
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
-           gen: torch.Generator, bar) -> list[dict[str, float]]:
+           gen: torch.Generator, dgen: torch.Generator, bar) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
@@ -155,22 +160,23 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     every = cfg.log_every or max(1, cfg.iters // 100)
     history, n, dev = [], len(x_fp), x_fp.device
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
+    zero = torch.zeros((), device=dev)
     for it in range(cfg.iters):
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen).to(dev)
+        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=dgen, device=dev)
         if cfg.single_bits is not None:
             bits = (cfg.single_bits,)
-            loss = _single_bit_loss(unit, x_fp[idx], xs[cfg.single_bits][idx], y_fp[idx], cfg, mfm, gen)
-            terms = {'fp': loss.item(), 'h_m': 0.0, 'h_l': 0.0}
+            loss = _single_bit_loss(unit, x_fp[idx], xs[cfg.single_bits][idx], y_fp[idx], cfg, mfm, dgen)
+            terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
         else:
-            loss, terms, bits = _ptmq_loss(unit, x_fp[idx], xs, idx, y_fp[idx], cfg, mfm, gen, batched)
+            loss, terms, bits = _ptmq_loss(unit, x_fp[idx], xs, idx, y_fp[idx], cfg, mfm, gen, dgen, batched)
         beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
-        rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else torch.zeros((), device=dev)
+        rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
         for o in opts: o.zero_grad(set_to_none=True)
         (loss + rterm).backward()
         for o in opts: o.step()
         if sched is not None: sched.step()
-        if it % every == 0 or it == cfg.iters - 1:
-            history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'], 'gd_h_m': terms['h_m'], 'gd_h_l': terms['h_l'],
+        if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
+            history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),
                             'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
         bar.update(1)
     for p in alphas + scales: p.requires_grad_(False)
@@ -182,7 +188,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     if missing: raise ValueError(f"model has no steps for bit-widths {sorted(missing)}; it was built for {qmodel.a_bits}")
     dev = cfg.resolved_device()
     qmodel.to(dev).eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen, dgen = _generators(cfg.seed, dev)
     t_start = time.perf_counter()
     x_fp = calib.to(dev)
     xs = {b: x_fp for b in cfg.a_bits}
@@ -199,7 +205,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp)
             _observe(unit, xs, cfg)
             if cfg.iters > 0:
-                history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, bar)
+                history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar)
                 for q in weight_quantizers(unit): q.set_mode('hard')
             new_xs = {}
             for b in cfg.a_bits:

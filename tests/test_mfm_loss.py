@@ -44,7 +44,7 @@ def test_gd_loss_hand_values_and_teacher_detach():
     f_l = torch.full((2, 3), 3.0, requires_grad=True); f_m = torch.full((2, 3), 2.0, requires_grad=True)
     f_h = torch.full((2, 3), 1.0, requires_grad=True)
     total, terms = gd_loss(f_l, f_m, f_h, f_fp, g=(1.0, 2.0, 0.5))
-    assert terms == {'fp': 12.0, 'h_m': 3.0, 'h_l': 12.0}
+    assert {k: v.item() for k, v in terms.items()} == {'fp': 12.0, 'h_m': 3.0, 'h_l': 12.0}
     assert total.item() == 12 + 2 * 3 + 0.5 * 12
     total.backward()
     # d/d f_h (per element): only through the mix, 2 * lambda_h * (mix - fp) / batch = 2 * (1/3) * 2 / 2
