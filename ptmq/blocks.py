@@ -28,11 +28,15 @@ class QuantLayer(nn.Module):
         self.act = act if act is not None else nn.Identity()
         self.in_q, self.out_q = in_q, out_q
 
-    def forward(self, x: Tensor) -> Tensor:
+    def pre(self, x: Tensor) -> Tensor:
+        "Everything before the output quantizer: input quantizer, layer with quantized weights, activation."
         if self.in_q is not None: x = self.in_q(x)
         w = self.wq(self.layer.weight)
         x = self.layer._conv_forward(x, w, self.layer.bias) if isinstance(self.layer, nn.Conv2d) else F.linear(x, w, self.layer.bias)
-        x = self.act(x)
+        return self.act(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pre(x)
         return self.out_q(x) if self.out_q is not None else x
 
 # %% ../nbs/04_blocks.ipynb #a1a62c26
@@ -49,6 +53,22 @@ class QuantResidualBlock(nn.Module):
         y = self.body(x)
         if self.residual: y = y + (x if self.shortcut is None else self.shortcut(x))
         return self.out_q(self.post_act(y))
+
+    def forward_bits(self, x: Tensor, bits: Sequence[int]) -> list[Tensor]:
+        "The block at each activation bit-width in `bits` on ONE input; what does not depend on the bit-width is computed once."
+        first = self.body[0]
+        if (first.in_q is not None and first.in_q.switchable) or (self.shortcut is not None and any(
+                isinstance(q, ActQuantizer) and q.switchable for q in self.shortcut.modules())):
+            return [set_bits(self, b)(x) for b in bits]
+        h = first.pre(x)                                   # the first layer, up to its output quantizer
+        s = (x if self.shortcut is None else self.shortcut(x)) if self.residual else None
+        outs = []
+        for b in bits:
+            set_bits(self, b)
+            y = self.body[1:](first.out_q(h) if first.out_q is not None else h)
+            if s is not None: y = y + s
+            outs.append(self.out_q(self.post_act(y)))
+        return outs
 
 class QuantHead(nn.Module):
     "Global pooling, flatten, then the classifier `QuantLayer` (whose input quantizer is fixed at 8 bits)."

@@ -15,8 +15,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['AKAMASTER_URL', 'AKAMASTER_FILES', 'TORCHVISION_MODELS', 'TIMM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MODELS',
            'OptionAShortcut', 'CifarBasicBlock', 'CifarResNet', 'WeightsError', 'read_checkpoint', 'read_state_dict',
-           'load_weights', 'cifar_resnet', 'torchvision_model', 'timm_model', 'ModelSpec', 'timm_vit_checkpoint',
-           'model_spec', 'create_model']
+           'load_weights', 'cifar_resnet', 'torchvision_model', 'timm_weights_source', 'timm_model', 'ModelSpec',
+           'timm_vit_checkpoint', 'model_spec', 'create_model']
 
 # %% ../nbs/02_models.ipynb #da13d4d1
 class OptionAShortcut(nn.Module):
@@ -68,10 +68,14 @@ class WeightsError(RuntimeError):
     "Weights could not be found, read or matched to the model."
 
 def read_checkpoint(path: str | os.PathLike):
-    "The object saved in a checkpoint file, read with `weights_only=True`, with clear errors for a missing or unreadable file."
+    "The object saved in a checkpoint file (`.safetensors`, or a torch file read with `weights_only=True`), with clear errors for a missing or unreadable file."
     path = Path(path).expanduser()
     if not path.is_file(): raise WeightsError(f"weights file not found: {path}")
-    try: return torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        if path.suffix == '.safetensors':
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise WeightsError(f"cannot read weights file {path}: {e}") from e
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -122,18 +126,32 @@ def torchvision_model(name: str, weights: str | os.PathLike | None = None, pretr
     fname = Path(w.url).name
     try: return torchvision.models.get_model(name, weights=w).eval()
     except Exception as e:
-        raise WeightsError(f"cannot get torchvision weights for {name} ({e}): download {w.url} and pass it as weights, "
-                           f"or put it at {Path(torch.hub.get_dir()) / 'checkpoints' / fname}") from e
+        raise WeightsError(f"cannot get torchvision weights for {name} ({type(e).__name__}: {e}). Download {w.url} and save it as "
+                           f"{Path(torch.hub.get_dir()) / 'checkpoints' / fname} (torch's cache, used from there automatically), "
+                           f"or set `weights:` in the params to the file's path") from e
+
+def timm_weights_source(name: str) -> tuple[str, Path]:
+    "Where timm's default pretrained weights of `name` come from (a URL), and the local file ptmq looks for first."
+    from timm.models import get_pretrained_cfg
+    from ptmq.digits import cache_dir
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id: raise WeightsError(f"timm has no pretrained weights for {name}")
+    return (f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors",
+            cache_dir() / 'weights' / f"{cfg.hf_hub_id.split('/')[-1]}.safetensors")
 
 def timm_model(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
-    "A timm model with the weights in a local file, else its pretrained weights from the hub cache (random if not `pretrained`)."
+    "A timm model with the weights in a local file, else `$PTMQ_CACHE/weights/<tag>.safetensors`, else timm's hub cache or download (random if not `pretrained`)."
     import timm
+    if weights is None and pretrained:
+        url, local = timm_weights_source(name)
+        if local.is_file(): weights = local
     if weights is not None or not pretrained:
         m = timm.create_model(name, pretrained=False)
         return (load_weights(m, weights) if weights is not None else m).eval()
     try: return timm.create_model(name, pretrained=True).eval()
     except Exception as e:
-        raise WeightsError(f"cannot get timm weights for {name} ({e}): save its state dict to a file and pass it as weights") from e
+        raise WeightsError(f"cannot get timm weights for {name} ({type(e).__name__}: {e}). Download {url} and save it as {local} "
+                           f"(used from there automatically), or set `weights:` in the params to the file's path") from e
 
 # %% ../nbs/02_models.ipynb #3f57cdc7
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -45,6 +45,7 @@ class PTMQConfig:
     observer_p: float = 2.0
     observe_images: int = 256
     batched_bits: bool | None = None
+    cache: str = 'auto'
     quant_attn_matmul: bool = True
     single_bits: int | None = None
     log_every: int = 0
@@ -66,6 +67,7 @@ class PTMQConfig:
         if self.mfm not in MFM_MODES: raise ValueError(f"mfm must be one of {MFM_MODES}, got {self.mfm!r}")
         if self.observer not in OBSERVERS: raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {self.observer!r}")
         if not 0 <= self.warmup < 1: raise ValueError("warmup must be in [0, 1)")
+        if self.cache not in ('auto', 'device', 'host'): raise ValueError(f"cache must be auto, device or host, got {self.cache!r}")
         if self.device not in ('auto', 'cpu') and not self.device.startswith('cuda'): raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.beta, self.mix_lambdas, self.gd_weights = tuple(self.beta), tuple(self.mix_lambdas), tuple(self.gd_weights)
         MultiBitFeatureMixer(self.mix_lambdas, self.drop_prob, self.mfm)  # validates lambdas and p
@@ -97,18 +99,39 @@ class PTMQConfig:
 # %% ../nbs/07_reconstruction.ipynb #a3f632ec
 @dataclass
 class CalibrationResult:
-    "What a calibration did: loss history rows, seconds per unit, total seconds, images, device."
+    "What a calibration did: loss history rows, seconds per unit (all of it, and its reconstruction loop), total seconds, images, device."
     history: list[dict[str, float]]
     unit_seconds: list[float]
     seconds: float
     images: int
     device: str
+    loop_seconds: list[float] = field(default_factory=list)
+    cache_device: str = ''
+
+def _to(x: Tensor, dev: torch.device) -> Tensor:
+    return x if x.device == dev else x.to(dev, non_blocking=True)
 
 @torch.no_grad()
-def _run(unit: nn.Module, x: Tensor, chunk: int = 256) -> Tensor:
-    return torch.cat([unit(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+def _run(unit: nn.Module, x: Tensor, chunk: int = 256, dev: torch.device | None = None, store: torch.device | None = None) -> Tensor:
+    "`unit` over `x` in chunks computed on `dev`; the result kept on `store` (pinned host memory when that is the CPU and `dev` a GPU)."
+    dev, store = dev or x.device, store or x.device
+    out = torch.cat([_to(unit(_to(x[i:i + chunk], dev)), store) for i in range(0, len(x), chunk)])
+    return out.pin_memory() if store.type == 'cpu' and dev.type == 'cuda' else out
 
-def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig) -> None:
+def _store(cfg: PTMQConfig, dev: torch.device, unit: nn.Module, x: Tensor, copies: int) -> torch.device:
+    "Where the caches of `unit`'s outputs live: on `dev` when `copies` of them fit in half its free memory, else in host memory."
+    if cfg.cache == 'host': return torch.device('cpu')
+    if cfg.cache == 'device' or dev.type != 'cuda': return dev
+    with torch.no_grad(), quant_state(unit, weights=False, acts=False): per_image = unit(_to(x[:1], dev)).numel() * 4
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if per_image * len(x) * copies <= 0.5 * free else torch.device('cpu')
+
+def _gather(t: Tensor, idx: Tensor, dev: torch.device) -> Tensor:
+    "Rows `idx` (on the host) of the host cache `t`, gathered into pinned memory and sent to `dev` without waiting."
+    out = torch.empty((len(idx),) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=t.is_pinned())
+    return _to(torch.index_select(t, 0, idx, out=out), dev)
+
+def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig, dev: torch.device) -> None:
     "Initialise the unit's activation steps at every bit-width from its quantized inputs (highest bit-width first)."
     qs = act_quantizers(unit)
     if not qs: return
@@ -116,16 +139,18 @@ def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig) -> None:
         set_bits(unit, b)
         for q in qs:
             if q.switchable or b == max(xs): q.observer = (cfg.observer, cfg.observer_p)
-        _run(unit, xs[b][:cfg.observe_images], chunk=cfg.observe_images)
+        _run(unit, xs[b][:cfg.observe_images], chunk=cfg.observe_images, dev=dev, store=dev)
         for q in qs: q.observer = None
 
-def _ptmq_loss(unit, x_fp, xs, idx, y_fp, cfg, mfm, gen, dgen, batched):
+def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
     "One PTMQ step's loss: a bit-width per group (drawn on the host), MFM inputs, the unit at low/mid/high bits, GD-Loss."
     bits = cfg.groups.sample(gen)
-    inputs = mfm(x_fp, [xs[b][idx] for b in bits], dgen)
+    inputs = mfm(x_fp, [take(b) for b in bits], dgen)
     if batched:
         set_bits(unit, bits)
         f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
+    elif inputs[0] is inputs[1] is inputs[2] and hasattr(unit, 'forward_bits'):   # one MFM input: share what is bit-independent
+        f_l, f_m, f_h = unit.forward_bits(inputs[0], bits)
     else:
         outs = []
         for b, x_in in zip(bits, inputs):
@@ -141,12 +166,12 @@ def _single_bit_loss(unit, x_fp, x_b, y_fp, cfg, mfm, gen):
     return lp_distance(unit(x_in), y_fp)
 
 def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    "A host generator (bit-width draws) and one on `dev` (batch indices, MFM masks): no host-device traffic per step; one stream on CPU."
+    "A host generator (bit-width draws, host-cache batches) and one on `dev` (batch indices, MFM masks); one stream on CPU."
     gen = torch.Generator().manual_seed(seed)
     return gen, (gen if dev.type == 'cpu' else torch.Generator(device=dev).manual_seed(seed))
 
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
-           gen: torch.Generator, dgen: torch.Generator, bar) -> list[dict[str, float]]:
+           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
@@ -158,17 +183,23 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
     mfm = MultiBitFeatureMixer(cfg.mix_lambdas, cfg.drop_prob, cfg.mfm)
     every = cfg.log_every or max(1, cfg.iters // 100)
-    history, n, dev = [], len(x_fp), x_fp.device
+    history, n, bs = [], len(x_fp), min(cfg.batch_size, len(x_fp))
+    host = cfg.cache == 'host' or x_fp.device != dev      # caches in host memory: host indices, pinned gathers, async copies
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
     for it in range(cfg.iters):
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=dgen, device=dev)
+        if host:
+            idx = torch.randint(n, (bs,), generator=gen)
+            take = lambda t: _gather(t, idx, dev)
+        else:
+            idx = torch.randint(n, (bs,), generator=dgen, device=dev)
+            take = lambda t: t[idx]
         if cfg.single_bits is not None:
             bits = (cfg.single_bits,)
-            loss = _single_bit_loss(unit, x_fp[idx], xs[cfg.single_bits][idx], y_fp[idx], cfg, mfm, dgen)
+            loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
             terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
         else:
-            loss, terms, bits = _ptmq_loss(unit, x_fp[idx], xs, idx, y_fp[idx], cfg, mfm, gen, dgen, batched)
+            loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
         beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
         rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
         for o in opts: o.zero_grad(set_to_none=True)
@@ -182,6 +213,9 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     for p in alphas + scales: p.requires_grad_(False)
     return history
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == 'cuda': torch.cuda.synchronize(dev)
+
 def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool = True) -> CalibrationResult:
     "Run PTMQ block-wise reconstruction (or round-to-nearest when `cfg.iters == 0`) on `qmodel`, in place."
     missing = set(cfg.a_bits) - set(qmodel.a_bits)
@@ -190,35 +224,41 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     qmodel.to(dev).eval().requires_grad_(False)
     gen, dgen = _generators(cfg.seed, dev)
     t_start = time.perf_counter()
-    x_fp = calib.to(dev)
-    xs = {b: x_fp for b in cfg.a_bits}
     units = list(qmodel.units)
+    store = torch.device('cpu') if cfg.cache == 'host' else dev
+    if dev.type == 'cuda' and cfg.cache == 'auto' and calib.numel() * 4 * (len(cfg.a_bits) + 2) > 0.5 * torch.cuda.mem_get_info(dev)[0]:
+        store = torch.device('cpu')
+    x_fp = calib.cpu().pin_memory() if store.type == 'cpu' and dev.type == 'cuda' else calib.to(store)
+    xs = {b: x_fp for b in cfg.a_bits}
     total = len(units) * cfg.iters
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
-    history, unit_seconds = [], []
+    history, unit_seconds, loop_seconds, stores = [], [], [], set()
     with tqdm(total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', disable=not progress or total == 0, unit='it') as bar:
         for k, unit in enumerate(units):
             t0 = time.perf_counter()
             bar.set_postfix_str(f'unit {k + 1}/{len(units)} {type(unit).__name__}')
             for q in weight_quantizers(unit): q.set_mode('nearest')
-            with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp)
-            _observe(unit, xs, cfg)
+            store = _store(cfg, dev, unit, x_fp, len(cfg.a_bits) + 2); stores.add(str(store))
+            with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp, dev=dev, store=store)
+            _observe(unit, xs, cfg, dev)
+            _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
-                history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar)
+                history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar, dev)
                 for q in weight_quantizers(unit): q.set_mode('hard')
+            _sync(dev); loop_seconds.append(time.perf_counter() - t1)
             new_xs = {}
             for b in cfg.a_bits:
-                set_bits(unit, b); new_xs[b] = _run(unit, xs[b])
+                set_bits(unit, b); new_xs[b] = _run(unit, xs[b], dev=dev, store=store)
             xs, x_fp = new_xs, y_fp
-            unit_seconds.append(time.perf_counter() - t0)
+            _sync(dev); unit_seconds.append(time.perf_counter() - t0)
             done = sum(unit_seconds)
             if cfg.iters and k + 1 < len(units):
                 log.info("unit %d/%d done in %.1fs; about %.0fs left", k + 1, len(units), unit_seconds[-1], done / (k + 1) * (len(units) - k - 1))
     set_bits(qmodel, max(cfg.a_bits))
     seconds = time.perf_counter() - t_start
     log.info("calibration finished in %.1fs", seconds)
-    return CalibrationResult(history, unit_seconds, seconds, len(calib), str(dev))
+    return CalibrationResult(history, unit_seconds, seconds, len(calib), str(dev), loop_seconds, '+'.join(sorted(stores)))
 
 # %% ../nbs/07_reconstruction.ipynb #65cc708f
 def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progress: bool = True) -> QuantModel:

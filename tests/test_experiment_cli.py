@@ -47,7 +47,7 @@ def test_overrides_env_defaults_and_missing_file(write, monkeypatch, tmp_path):
     assert main(['run', str(tmp_path / 'nope.yaml')]) == 2
 
 def test_every_committed_params_file_is_valid():
-    for f in sorted((REPO / 'params').glob('*.yaml')):
+    for f in sorted((REPO / 'params').rglob('*.yaml')):
         p = load_params(f, check_paths=False)
         assert p.name and p.ptmq.a_bits
 

@@ -45,3 +45,36 @@ def test_imagenet_preprocessing_comes_from_timm_data_config():
     tf = model_transform('resnet18')
     names = [type(t).__name__ for t in tf.transforms]
     assert names[:2] == ['Resize', 'CenterCrop'] and tf.transforms[1].size == (224, 224)
+
+def test_torchvision_offline_error_names_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    import torchvision.models._api as api
+    def no_network(*a, **k): raise OSError('no network')
+    monkeypatch.setattr(api, 'load_state_dict_from_url', no_network)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    with pytest.raises(WeightsError) as e: create_model('resnet18')
+    msg = str(e.value)
+    assert 'https://download.pytorch.org/models/resnet18-f37072fd.pth' in msg
+    assert str(tmp_path / 'checkpoints' / 'resnet18-f37072fd.pth') in msg and '`weights:`' in msg
+
+def test_timm_offline_error_then_the_named_file_is_used(tmp_path, monkeypatch):
+    "No network and no local copy: the error names the exact file and place; a file put there loads (safetensors)."
+    import timm
+    from safetensors.torch import save_file
+    from ptmq.models import timm_weights_source
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path))
+    real = timm.create_model
+    def offline(name, pretrained=False, **kw):
+        if pretrained: raise OSError('no network')
+        return real(name, pretrained=False, **kw)
+    monkeypatch.setattr(timm, 'create_model', offline)
+    url, local = timm_weights_source('deit_small_patch16_224')
+    assert url == 'https://huggingface.co/timm/deit_small_patch16_224.fb_in1k/resolve/main/model.safetensors'
+    assert local == tmp_path / 'weights' / 'deit_small_patch16_224.fb_in1k.safetensors'
+    with pytest.raises(WeightsError) as e: create_model('deit_small_patch16_224')
+    assert url in str(e.value) and str(local) in str(e.value)
+    ref = real('deit_small_patch16_224', pretrained=False)
+    local.parent.mkdir(parents=True); save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(local))
+    m = create_model('deit_small_patch16_224')
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values()))
+    with pytest.raises(WeightsError, match='cannot read weights file'):
+        bad = tmp_path / 'bad.safetensors'; bad.write_bytes(b'not safetensors'); create_model('deit_small_patch16_224', weights=bad)

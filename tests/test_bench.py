@@ -1,0 +1,125 @@
+"""The benchmark: its schema, the runs it plans, the exact aggregation (mean, spread, cost ratio), the cache and resume,
+the written reading, and one tiny run through the papermill pipeline."""
+import json, math, statistics
+import pytest, torch, yaml
+from conftest import REPO
+from ptmq.bench import METHODS, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
+from ptmq.experiment import load_params, ParamsError
+from ptmq.mfm import BitGroups
+from ptmq.recon import PTMQConfig
+
+BASE = {'name': 'b', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/train', 'eval_data': 'builtin:digits/test'}
+
+@pytest.mark.parametrize('bench,pattern', [
+    ({'settings': [{'methods': ['qdorp']}]}, r"key 'benchmark': benchmark.settings\[0\]: unknown method\(s\) \['qdorp'\]; known: rtn"),
+    ({'settings': [{'a_bits': [5]}]}, r"benchmark.settings\[0\]: a_bits \[5\] are not in the groups \(4, 6, 8\)"),
+    ({'settings': [{'w_bits': 1}]}, r"benchmark.settings\[0\]: w_bits must be an integer in 2..8"),
+    ({'seeds': [0, 0]}, r"benchmark.seeds must be a non-empty list of distinct integers"),
+    ({'seeded': ['nope']}, r"benchmark.seeded: unknown method\(s\) \['nope'\]"),
+    ({'colour': 1}, r"unknown benchmark key\(s\) \['colour'\]"),
+    ([1, 2], r"key 'benchmark' must be a mapping"),
+])
+def test_benchmark_schema_errors(tmp_path, bench, pattern):
+    f = tmp_path / 'b.yaml'; f.write_text(yaml.safe_dump({**BASE, 'benchmark': bench}))
+    with pytest.raises(ParamsError, match=pattern) as e: load_params(f, check_paths=False)
+    assert str(f) in str(e.value)
+
+def test_committed_benchmarks_plan_the_issue_runs():
+    p = load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False)
+    runs = p.benchmark.runs()
+    count = lambda m, w: sum(r.method == m and r.w_bits == w for r in runs)
+    # W4: QDrop 3 bits x 3 seeds, PTMQ 3 seeds, BRECQ 3 bits x 1 seed, RTN once, 4 ablations once; W3A3: QDrop and PTMQ 3 seeds
+    assert (count('qdrop', 4), count('ptmq', 4), count('brecq', 4), count('rtn', 4)) == (9, 3, 3, 1)
+    assert all(count(m, 4) == 1 for m in METHODS if m.startswith('ptmq_'))
+    assert (count('qdrop', 3), count('ptmq', 3), count('brecq', 3)) == (3, 3, 1)
+    assert {r.single_bits for r in runs if r.method == 'qdrop' and r.w_bits == 3} == {3}
+    assert {r.seed for r in runs if r.method == 'qdrop'} == {0, 1, 2} and {r.seed for r in runs if r.method == 'brecq'} == {0}
+    assert len({json.dumps(r.to_dict(), sort_keys=True) for r in runs}) == len(runs)       # no run twice
+    assert p.ptmq.iters == load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False).ptmq.iters  # one count for all
+
+def test_run_config_is_the_method_switch_and_nothing_else():
+    base, g = PTMQConfig(iters=50, lr_alpha=2e-3), BitGroups((4,), (6,), (8,))
+    q = Run('qdrop', 4, g, 2, 6).config(base)
+    assert (q.single_bits, q.drop_prob, q.seed, q.iters, q.lr_alpha, q.a_bits) == (6, 0.5, 2, 50, 2e-3, (6,))
+    assert Run('brecq', 4, g, 0, 4).config(base).drop_prob == 0.0
+    assert Run('rtn', 3, g, 0).config(base).iters == 0 and Run('rtn', 3, g, 0).config(base).w_bits == 3
+    assert Run('ptmq', 4, g, 1).config(base).a_bits == (4, 6, 8)
+    assert Run('ptmq_no_mfm', 4, g, 0).config(base).mfm == 'none'
+    assert Run('ptmq_mfm_no_fp', 4, g, 0).config(base).mfm == 'mix_no_fp'
+    assert Run('ptmq_gd_fp_only', 4, g, 0).config(base).gd_weights == (1.0, 0.0, 0.0)
+    assert Run('ptmq_teacher_grad', 4, g, 0).config(base).detach_teacher is False
+    # apart from the switch, every method gets the same settings
+    common = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('single_bits', 'drop_prob', 'seed', 'mfm', 'gd_weights', 'detach_teacher')}
+    assert common(q) == common(Run('ptmq', 4, g, 0).config(base))
+
+def rec(method, w, seed, top1, seconds, single=None):
+    return {'method': method, 'w_bits': w, 'seed': seed, 'single_bits': single, 'seconds': seconds, 'top1': {str(k): v for k, v in top1.items()}}
+
+RECORDS = [rec('ptmq', 4, s, {4: 70 + s, 6: 80 + s, 8: 81 + s / 2}, 30 + s) for s in (0, 1, 2)] + \
+          [rec('qdrop', 4, s, {b: 71 + s + b}, 10 + b, b) for s in (0, 1, 2) for b in (4, 6, 8)] + \
+          [rec('rtn', 4, 0, {4: 60, 6: 75, 8: 79}, 1.0), rec('ptmq_no_mfm', 4, 0, {4: 65, 6: 78, 8: 80}, 29)]
+
+def test_summarize_mean_spread_and_seconds_exactly():
+    rows = {(r['method'], r['a_bits']): r for r in summarize(RECORDS)}
+    p4 = rows[('ptmq', 4)]
+    assert p4['top1'] == 71.0 and p4['top1_std'] == pytest.approx(1.0) and p4['seeds'] == [0, 1, 2] and p4['calib_seconds'] == 31.0
+    assert rows[('ptmq', 8)]['top1_std'] == pytest.approx(statistics.stdev([81, 81.5, 82]), abs=1e-4)
+    assert {rows[('ptmq', a)]['calib_seconds'] for a in (4, 6, 8)} == {31.0}      # one calibration serves all rows
+    assert rows[('qdrop', 6)]['top1'] == 78.0 and rows[('qdrop', 6)]['calib_seconds'] == 16.0
+    assert rows[('rtn', 4)]['top1_std'] is None and rows[('rtn', 4)]['seeds'] == [0]
+    assert [r['method'] for r in summarize(RECORDS)][:3] == ['rtn'] * 3           # METHODS order, then bit-width
+
+def test_cost_ratio_is_ptmq_over_the_sum_of_the_qdrop_runs_it_replaces():
+    c = cost_ratios(RECORDS)[4]
+    assert c['ptmq_seconds'] == 31.0 and c['qdrop_seconds_sum'] == 14 + 16 + 18 and c['bits'] == [4, 6, 8]
+    assert c['ratio'] == round(31 / 48, 3)
+    assert cost_ratios([r for r in RECORDS if not (r['method'] == 'qdrop' and r['single_bits'] == 8)]) == {}   # incomplete: no ratio
+
+def test_reading_states_targets_losses_and_ablations():
+    rows = summarize(RECORDS)
+    text = reading(rows, 82.0, cost_ratios(RECORDS))
+    assert '**W4A4**: PTMQ 71.00 ± 1.00 vs QDrop 76.00 ± 1.00: -5.00 points (misses the 1.0-point target)' in text
+    assert 'Against FP32 82.00: -0.50 (within the 1.5-point target)' in text
+    assert 'ratio **0.65** (meets the 0.8 target on CPU)' in text
+    assert 'PTMQ, no MFM: A4 -6.00, A6 -3.00, A8 -1.50 against PTMQ (the full method is better' in text
+    assert 'Where PTMQ loses at W4: A4 (-5.00 vs QDrop)' in text
+    t = accuracy_table(rows, 82.0)
+    assert list(t.columns) == ['W4A4', 'W4A6', 'W4A8', 'FP32'] and t.loc['PTMQ', 'W4A4'] == '71.00 ± 1.00' and t.loc['round-to-nearest', 'W4A8'] == '79.00'
+
+def test_run_benchmark_times_evaluates_caches_and_resumes(tmp_path, monkeypatch):
+    import ptmq.bench as bench
+    from ptmq.models import create_model
+    fp = create_model('digits_resnet8', pretrained=False)
+    x, y = torch.randn(48, 3, 8, 8), torch.randint(10, (48,))
+    acc = lambda m, desc: 100.0 * (m(x).argmax(1) == y).float().mean().item()
+    base = PTMQConfig(w_bits=3, groups=BitGroups((2,), (3,), (4,)), iters=2, batch_size=8, observe_images=16)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['rtn', 'qdrop', 'ptmq']}], 'seeds': [0, 1]}, base)
+    recs = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
+    assert [(r['method'], r['single_bits'], r['seed']) for r in recs] == [(r.method, r.single_bits, r.seed) for r in spec.runs()]
+    assert all(r['seconds'] > 0 and r['seconds'] >= r['loop_seconds'] for r in recs)
+    assert set(recs[-1]['top1']) == {'2', '3', '4'} and recs[1]['top1'].keys() == {'2'}
+    assert len(list((tmp_path / 'cache').glob('*.json'))) == len(recs)
+    calls = []
+    monkeypatch.setattr(bench, 'run_one', lambda *a, **k: calls.append(a) or pytest.fail('finished run was not reused'))
+    again = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
+    assert again == json.loads(json.dumps(recs)) and not calls
+    # a different setting is a different run: nothing reused
+    monkeypatch.setattr(bench, 'run_one', lambda run, *a, **k: {**run.to_dict(), 'seconds': 1.0, 'top1': {}})
+    other = run_benchmark(spec, fp, x, PTMQConfig(**{**base.to_dict(), 'lr_act': 1e-4}), acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
+    assert all(r['seconds'] == 1.0 for r in other) and len(code_hash()) == 12
+
+def test_benchmark_through_the_pipeline(tmp_path, monkeypatch):
+    "`ptmq run` of a benchmark params file: results.json rows carry top1, top1_std, seeds, calib_seconds; plots written."
+    from ptmq.cli import run
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=3', 'calib_images=64', 'eval_images=90',
+              'benchmark.seeds=[0, 1]', 'benchmark.settings=[{methods: [rtn, qdrop, ptmq, ptmq_no_mfm]}]'], tmp_path / 'reports')
+    r = json.loads((out / 'results.json').read_text())
+    rows = {(x['method'], x['a_bits']): x for x in r['results']}
+    assert set(rows) == {(m, a) for m in ('rtn', 'qdrop', 'ptmq', 'ptmq_no_mfm') for a in (2, 3, 4)}
+    for x in r['results']: assert {'top1', 'top1_std', 'seeds', 'calib_seconds'} <= set(x)
+    assert rows[('ptmq', 2)]['seeds'] == [0, 1] and rows[('ptmq', 2)]['top1'] == pytest.approx(statistics.fmean(rows[('ptmq', 2)]['top1_per_seed']))
+    assert len({rows[('ptmq', a)]['calib_seconds'] for a in (2, 3, 4)}) == 1
+    assert r['benchmark']['cost_ratio_vs_qdrop']['3']['ratio'] > 0
+    assert (out / 'benchmark.png').is_file() and (out / 'loss_curves.png').is_file() and (out / 'report.html').is_file()
+    assert 'bench_digits_resnet8_w3' in (tmp_path / 'reports' / 'README.md').read_text()

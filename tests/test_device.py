@@ -1,0 +1,57 @@
+"""Device selection, the host-memory cache path (identical results), the GPU check on a tiny CPU run, and (with CUDA) the GPU path."""
+import json
+import pytest, torch
+from ptmq.recon import PTMQConfig, ptmq
+from ptmq.mfm import BitGroups
+from ptmq.models import create_model
+from ptmq.blocks import set_bits
+
+def test_device_selection(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert PTMQConfig().resolved_device() == torch.device('cpu')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert PTMQConfig().resolved_device() == torch.device('cuda')
+    assert PTMQConfig(device='cpu').resolved_device() == torch.device('cpu')      # overridable
+    assert PTMQConfig(device='cuda:1').resolved_device() == torch.device('cuda:1')
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"): PTMQConfig(device='tpu')
+    with pytest.raises(ValueError, match="cache must be auto, device or host"): PTMQConfig(cache='disk')
+
+def _tiny(cache, device='cpu'):
+    torch.manual_seed(0)
+    fp = create_model('cifar_resnet20', pretrained=False)
+    calib = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = PTMQConfig(iters=4, batch_size=8, observe_images=16, cache=cache, device=device)
+    return ptmq(fp, calib, cfg, progress=False), calib
+
+def test_host_cache_gives_the_same_calibration():
+    "Caches in host memory (gathered per batch) follow the same random stream: the same model as with device caches."
+    a, x = _tiny('device')
+    b, _ = _tiny('host')
+    assert a.calibration.cache_device == 'cpu' and len(b.calibration.loop_seconds) == len(b.units)
+    for s_a, s_b in zip(a.state_dict().values(), b.state_dict().values()): assert torch.equal(s_a, s_b)
+    with torch.no_grad(): assert torch.equal(set_bits(a, 4)(x), set_bits(b, 4)(x))
+
+def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatch):
+    from ptmq.gpucheck import time_model, gpu_check
+    from ptmq.cli import main
+    r = time_model('cifar_resnet20', images=32, iters=2, paper_iters=100, batch_size=8, input_size=32, device='cpu')
+    assert r['units'] == 11 and len(r['seconds_per_iter']) == 11 and all(s > 0 for s in r['seconds_per_iter'][:-1])
+    full = sum(r['unit_overhead_seconds']) + sum(s * 100 for s in r['seconds_per_iter'])
+    assert r['extrapolated_minutes'] == pytest.approx(full / 60, abs=0.06) and r['peak_gpu_gib'] is None
+    out = gpu_check(['cifar_resnet20'], tmp_path / 'gc', images=16, iters=1, paper_iters=10, batch_size=8, input_size=32, device='cpu', progress=False)
+    assert json.loads((out / 'results.json').read_text())['results'][0]['model'] == 'cifar_resnet20'
+    assert '| cifar_resnet20 | cpu | 11 |' in (out / 'README.md').read_text()
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(RuntimeError, match='no CUDA device here'): gpu_check(['resnet18'], tmp_path / 'x')
+    assert main(['gpu-check', '--out', str(tmp_path / 'x')]) == 1 and not (tmp_path / 'x').exists()
+    with pytest.raises(ValueError, match="unknown model 'resnet9'"): gpu_check(['resnet9'], tmp_path / 'x', device='cpu')
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_gpu_calibration_runs_and_agrees_with_cpu_roughly():
+    a, x = _tiny('auto', 'cuda')
+    b, _ = _tiny('host', 'cuda')
+    assert a.calibration.device.startswith('cuda') and b.calibration.cache_device == 'cpu'
+    c, _ = _tiny('auto', 'cpu')
+    with torch.no_grad():
+        ya, yc = set_bits(a, 8)(x.cuda()).cpu(), set_bits(c, 8)(x)
+    assert (ya.argmax(1) == yc.argmax(1)).float().mean() > 0.8   # different random streams on the GPU: close, not equal
