@@ -113,12 +113,14 @@ class _LSQQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmax, g):
         q = torch.minimum(torch.round(x / scale).add_(zero_point).clamp_(min=0), qmax)
-        ctx.save_for_backward(x, scale, zero_point, qmax, torch.as_tensor(g, dtype=x.dtype, device=x.device))
+        ctx.save_for_backward(x, scale, zero_point, qmax)
+        ctx.g = g                     # a float, or a tensor already on x's device: no host-to-device copy per call
         return (q - zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point, qmax, g = ctx.saved_tensors
+        x, scale, zero_point, qmax = ctx.saved_tensors
+        g = ctx.g
         xs = x / scale
         qu = torch.round(xs).add_(zero_point)
         inside = (qu >= 0) & (qu <= qmax)
@@ -144,6 +146,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer('zero_point', torch.zeros(len(bits)))
         self.register_buffer('qmax', torch.tensor([2.0 ** b - 1 for b in bits]))
         self.idx: int | tuple[int, ...] = len(bits) - 1
+        self._idx_tensors: dict = {}
         self.enabled = True
         self.observer: tuple[str, float] | None = None
 
@@ -175,7 +178,9 @@ class ActQuantizer(nn.Module):
         if isinstance(self.idx, int):
             i = self.idx
             return lsq_quant(x, self.scale[i], self.zero_point[i], self.qmax[i], 1.0 / math.sqrt(x.numel() * (2 ** self.bits[i] - 1)))
-        idx = torch.tensor(self.idx, device=x.device)
+        key = (self.idx, x.device)
+        if key not in self._idx_tensors: self._idx_tensors[key] = torch.tensor(self.idx, device=x.device)  # made once, not per step
+        idx = self._idx_tensors[key]
         xg = x.reshape(len(self.idx), -1)
         qmax = self.qmax[idx][:, None]
         return lsq_quant(xg, self.scale[idx][:, None], self.zero_point[idx][:, None], qmax, 1.0 / torch.sqrt(xg.shape[1] * qmax)).reshape(x.shape)

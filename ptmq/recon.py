@@ -109,7 +109,8 @@ class CalibrationResult:
     cache_device: str = ''
 
 def _to(x: Tensor, dev: torch.device) -> Tensor:
-    return x if x.device == dev else x.to(dev, non_blocking=True)
+    "`x` on `dev`; copies to a GPU do not wait (the host's copy is pinned or kept alive by the allocator), copies back do."
+    return x if x.device == dev else x.to(dev, non_blocking=dev.type == 'cuda')
 
 @torch.no_grad()
 def _run(unit: nn.Module, x: Tensor, chunk: int = 256, dev: torch.device | None = None, store: torch.device | None = None) -> Tensor:

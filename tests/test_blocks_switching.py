@@ -106,3 +106,21 @@ def test_single_bit_baselines_use_the_same_loop(drop_prob):
     h = qm.calibration.history
     assert {r['bits'] for r in h} == {'4'} and all(r['gd_h_m'] == 0.0 for r in h)
     with pytest.raises(ValueError, match='single_bits'): PTMQConfig(single_bits=9)
+
+@pytest.mark.parametrize('name,unit', [('cifar_resnet20', 1), ('cifar_resnet20', 4), ('resnet18', 3), ('mobilenet_v2', 2)])
+def test_forward_bits_equals_separate_passes_values_and_gradients(name, unit):
+    "Sharing the bit-independent prefix (first layer, shortcut) across bit-widths changes neither outputs nor gradients."
+    from ptmq.blocks import set_weight_mode, weight_quantizers
+    qm = quantize_model(create_model(name, pretrained=False), 4, (4, 6, 8))
+    blk = qm.units[unit]
+    assert isinstance(blk, QuantResidualBlock)
+    set_weight_mode(blk, 'soft')
+    x = torch.randn(2, blk.body[0].layer.in_channels, 16, 16)
+    params = [q.alpha for q in weight_quantizers(blk)] + [q.scale for q in act_quantizers(blk)]
+    for p in params: p.requires_grad_(True)
+    loss = lambda outs: sum((o ** 2).sum() * (i + 1) for i, o in enumerate(outs))
+    shared = blk.forward_bits(x, (4, 6, 8))
+    separate = [set_bits(blk, b)(x) for b in (4, 6, 8)]
+    assert all(torch.equal(a, b) for a, b in zip(shared, separate))
+    for ga, gb in zip(torch.autograd.grad(loss(shared), params), torch.autograd.grad(loss(separate), params)):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
