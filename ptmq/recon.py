@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, logging, math, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
@@ -116,16 +116,22 @@ def _to(x: Tensor, dev: torch.device) -> Tensor:
 def _run(unit: nn.Module, x: Tensor, chunk: int = 256, dev: torch.device | None = None, store: torch.device | None = None) -> Tensor:
     "`unit` over `x` in chunks computed on `dev`; the result kept on `store` (pinned host memory when that is the CPU and `dev` a GPU)."
     dev, store = dev or x.device, store or x.device
-    out = torch.cat([_to(unit(_to(x[i:i + chunk], dev)), store) for i in range(0, len(x), chunk)])
-    return out.pin_memory() if store.type == 'cpu' and dev.type == 'cuda' else out
+    return _keep(torch.cat([_to(unit(_to(x[i:i + chunk], dev)), store) for i in range(0, len(x), chunk)]), store, dev)
 
-def _store(cfg: PTMQConfig, dev: torch.device, unit: nn.Module, x: Tensor, copies: int) -> torch.device:
-    "Where the caches of `unit`'s outputs live: on `dev` when `copies` of them fit in half its free memory, else in host memory."
+def _keep(x: Tensor, store: torch.device, dev: torch.device) -> Tensor:
+    "`x` as a cache on `store`: pinned host memory when that is the CPU and the work runs on a GPU."
+    return x.cpu().pin_memory() if store.type == 'cpu' and dev.type == 'cuda' else x.to(store)
+
+def _store(cfg: PTMQConfig, dev: torch.device, item_bytes: Callable[[], int], n: int, copies: int) -> torch.device:
+    "Where `copies` caches of `n` items live: on `dev` when they fit in half its free memory, else in host memory (`item_bytes` only asked then)."
     if cfg.cache == 'host': return torch.device('cpu')
     if cfg.cache == 'device' or dev.type != 'cuda': return dev
-    with torch.no_grad(), quant_state(unit, weights=False, acts=False): per_image = unit(_to(x[:1], dev)).numel() * 4
-    free, _ = torch.cuda.mem_get_info(dev)
-    return dev if per_image * len(x) * copies <= 0.5 * free else torch.device('cpu')
+    return dev if item_bytes() * n * copies <= 0.5 * torch.cuda.mem_get_info(dev)[0] else torch.device('cpu')
+
+@torch.no_grad()
+def _out_bytes(unit: nn.Module, x: Tensor, dev: torch.device) -> int:
+    "Bytes of the float output of `unit` for one item of `x`."
+    with quant_state(unit, weights=False, acts=False): return unit(_to(x[:1], dev)).numel() * 4
 
 def _gather(t: Tensor, idx: Tensor, dev: torch.device) -> Tensor:
     "Rows `idx` (on the host) of the host cache `t`, gathered into pinned memory and sent to `dev` without waiting."
@@ -226,10 +232,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     gen, dgen = _generators(cfg.seed, dev)
     t_start = time.perf_counter()
     units = list(qmodel.units)
-    store = torch.device('cpu') if cfg.cache == 'host' else dev
-    if dev.type == 'cuda' and cfg.cache == 'auto' and calib.numel() * 4 * (len(cfg.a_bits) + 2) > 0.5 * torch.cuda.mem_get_info(dev)[0]:
-        store = torch.device('cpu')
-    x_fp = calib.cpu().pin_memory() if store.type == 'cpu' and dev.type == 'cuda' else calib.to(store)
+    copies = len(cfg.a_bits) + 2                        # x_fp, y_fp and one input per bit-width
+    x_fp = _keep(calib, _store(cfg, dev, lambda: calib[0].numel() * 4, len(calib), copies), dev)
     xs = {b: x_fp for b in cfg.a_bits}
     total = len(units) * cfg.iters
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
@@ -240,7 +244,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             t0 = time.perf_counter()
             bar.set_postfix_str(f'unit {k + 1}/{len(units)} {type(unit).__name__}')
             for q in weight_quantizers(unit): q.set_mode('nearest')
-            store = _store(cfg, dev, unit, x_fp, len(cfg.a_bits) + 2); stores.add(str(store))
+            store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies); stores.add(str(store))
             with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp, dev=dev, store=store)
             _observe(unit, xs, cfg, dev)
             _sync(dev); t1 = time.perf_counter()
