@@ -38,6 +38,9 @@ METHODS: dict[str, Method] = {
     'ptmq_mfm_no_fp': Method('PTMQ, MFM without FP', 'multi', {'mfm': 'mix_no_fp'}, 'mixed quantized inputs, no float replacement'),
     'ptmq_gd_fp_only': Method('PTMQ, GD-Loss FP term only', 'multi', {'gd_weights': (1.0, 0.0, 0.0)}, 'no distillation terms'),
     'ptmq_teacher_grad': Method('PTMQ, teacher not detached', 'multi', {'detach_teacher': False}, 'distillation gradients also reach the high-bit pass'),
+    'ptmq_mfm_low': Method('PTMQ, MFM weighted to low bits', 'multi', {'mix_lambdas': (0.6, 0.2, 0.2)},
+                           'lambda = (0.6, 0.2, 0.2) in MFM and in the mix of the GD-Loss float term: the low-bit pass sees more of its own input'),
+    'ptmq_amp': Method('PTMQ, bfloat16 autocast', 'multi', {'amp': True}, 'the same calibration with the passes of the loop under bfloat16 autocast'),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
@@ -295,11 +298,12 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
         abl = sorted({m for (m, ww, _) in by if ww == w and m.startswith('ptmq_')}, key=list(METHODS).index)
         for m in abl:
             ds = {a: by[(m, w, a)]['top1'] - by[('ptmq', w, a)]['top1'] for a in bits if (m, w, a) in by}
-            spread = max((by[('ptmq', w, a)]['top1_std'] or 0.0) for a in bits)
+            stds = [by[('ptmq', w, a)]['top1_std'] for a in bits if by[('ptmq', w, a)]['top1_std'] is not None]
+            spread = max(stds, default=0.0)
             verdict = ('the full method is better' if all(d < -spread for d in ds.values()) else
-                       'the ablation is better' if all(d > spread for d in ds.values()) else 'mixed or within the seed spread')
-            lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) +
-                         f" against PTMQ ({verdict}; PTMQ's largest seed std here is {spread:.2f}).")
+                       'the variant is better' if all(d > spread for d in ds.values()) else 'mixed or within the seed spread')
+            lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) + f" against PTMQ ({verdict}; " +
+                         (f"PTMQ's largest seed std here is {spread:.2f})." if stds else "one seed: no seed spread measured here)."))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"
                   for a in bits for m in ('qdrop', 'brecq') if (m, w, a) in by and by[(m, w, a)]['top1'] > by[('ptmq', w, a)]['top1']]
         if losses: lines.append(f"- Where PTMQ loses at W{w}: " + ', '.join(losses) + '.')

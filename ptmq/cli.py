@@ -198,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser('index', help='regenerate reports/README.md').add_argument('--reports', default='reports')
     g = sub.add_parser('gpu-check', help='time a calibration at paper settings on the GPU (random weights and images)')
     g.add_argument('--models', nargs='+', default=['resnet18', 'deit_small_patch16_224'])
-    g.add_argument('--iters', type=int, default=200, help='iterations measured per unit (extrapolated to --paper-iters)')
+    g.add_argument('--iters', type=int, default=100, help='iterations measured per unit (extrapolated to --paper-iters)')
     g.add_argument('--paper-iters', type=int, default=20000)
     g.add_argument('--images', type=int, default=1024)
     g.add_argument('--batch-size', type=int, default=32)
     g.add_argument('--device', default='auto')
+    g.add_argument('--amp', choices=['off', 'on', 'both'], default='both', help='time float32, bfloat16 autocast, or both')
     g.add_argument('--out', default='reports/gpu_check')
     args = ap.parse_args(argv)
     def _term(*_): raise KeyboardInterrupt
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == 'index': print(write_index(args.reports))
         elif args.cmd == 'gpu-check':
             from ptmq.gpucheck import gpu_check
-            out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device)
+            amp = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.amp]
+            out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp)
             print((out / 'README.md').read_text())
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 2

@@ -18,11 +18,11 @@ log = logging.getLogger('ptmq')
 __all__ = ['log', 'time_model', 'gpu_check']
 
 # %% ../nbs/13_gpu_check.ipynb #9b91f800
-def time_model(name: str, images: int = 1024, iters: int = 200, paper_iters: int = 20000, batch_size: int = 32,
+def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32,
                input_size: int = 224, groups: BitGroups | None = None, device: str = 'auto', seed: int = 0,
-               progress: bool = False) -> dict[str, Any]:
+               progress: bool = False, amp: bool = False) -> dict[str, Any]:
     "Calibrate `name` (random weights, random images) for `iters` iterations per unit; seconds per iteration per unit, peak memory, extrapolation."
-    cfg = PTMQConfig(w_bits=4, groups=groups or BitGroups((4,), (6,), (8,)), iters=iters, batch_size=batch_size, device=device, seed=seed)
+    cfg = PTMQConfig(w_bits=4, groups=groups or BitGroups((4,), (6,), (8,)), iters=iters, batch_size=batch_size, device=device, seed=seed, amp=amp)
     dev = cfg.resolved_device()
     g = torch.Generator().manual_seed(seed)
     model = create_model(name, pretrained=False)
@@ -33,7 +33,7 @@ def time_model(name: str, images: int = 1024, iters: int = 200, paper_iters: int
     per_iter = [l / iters for l in c.loop_seconds] if iters else [0.0] * len(c.loop_seconds)
     full = sum(u - l for u, l in zip(c.unit_seconds, c.loop_seconds)) + sum(p * paper_iters for p in per_iter)
     return {'model': name, 'units': len(qm.units), 'images': images, 'input_size': input_size, 'batch_size': batch_size,
-            'bits': list(cfg.a_bits), 'iters_measured': iters, 'paper_iters': paper_iters, 'device': c.device,
+            'bits': list(cfg.a_bits), 'amp': amp, 'iters_measured': iters, 'paper_iters': paper_iters, 'device': c.device,
             'device_name': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu',
             'cache_device': c.cache_device, 'measured_seconds': round(c.seconds, 2),
             'seconds_per_iter': [round(p, 5) for p in per_iter], 'unit_overhead_seconds': [round(u - l, 3) for u, l in zip(c.unit_seconds, c.loop_seconds)],
@@ -42,9 +42,9 @@ def time_model(name: str, images: int = 1024, iters: int = 200, paper_iters: int
 
 # %% ../nbs/13_gpu_check.ipynb #5e7b4167
 def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), out: str | Path = 'reports/gpu_check',
-              images: int = 1024, iters: int = 200, paper_iters: int = 20000, batch_size: int = 32, input_size: int = 224,
-              device: str = 'auto', progress: bool = True) -> Path:
-    "Time each model with `time_model` and write `out/results.json` and `out/README.md` (atomically: a failed check keeps the old report)."
+              images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32, input_size: int = 224,
+              device: str = 'auto', progress: bool = True, amp: Sequence[bool] = (False, True)) -> Path:
+    "Time each model with `time_model`, in float32 and/or under bfloat16 autocast, and write `out/results.json` and `out/README.md` (atomically: a failed check keeps the old report)."
     cfg = PTMQConfig(device=device)
     dev = cfg.resolved_device()
     if device == 'auto' and dev.type != 'cuda':
@@ -52,10 +52,12 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
     for m in models: model_spec(m)          # an unknown name fails before any work
     rows = []
     for m in models:
-        log.info("gpu check: %s, %d images %dx%d, %d iterations per unit, batch %d, on %s", m, images, input_size, input_size, iters, batch_size, dev)
-        rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress))
-        log.info("%s: about %.1f min for a full calibration at %d iterations per unit; peak %s GiB", m, rows[-1]['extrapolated_minutes'],
-                 paper_iters, rows[-1]['peak_gpu_gib'])
+        for a in amp:
+            log.info("gpu check: %s%s, %d images %dx%d, %d iterations per unit, batch %d, on %s", m, ' (bf16 autocast)' if a else '',
+                     images, input_size, input_size, iters, batch_size, dev)
+            rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress, amp=a))
+            log.info("%s: about %.1f min for a full calibration at %d iterations per unit; peak %s GiB", m, rows[-1]['extrapolated_minutes'],
+                     paper_iters, rows[-1]['peak_gpu_gib'])
     out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     import ptmq as _p
@@ -63,11 +65,11 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
     lines = ['# GPU check', '', f"Written by `ptmq gpu-check` ({rec['finished']}, torch {rec['torch']}). Random weights and images; "
              f"each unit calibrated for the measured iterations, its loop time extrapolated to the paper's iterations per unit.", '',
-             '| model | device | units | images | batch | bits | iters measured | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             '| model | device | units | images | batch | bits | bf16 autocast | iters measured | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         lines.append(f"| {r['model']} | {r['device_name']} | {r['units']} | {r['images']}x{r['input_size']}² | {r['batch_size']} | "
-                     f"{'/'.join(map(str, r['bits']))} | {r['iters_measured']} | {min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | "
+                     f"{'/'.join(map(str, r['bits']))} | {'yes' if r['amp'] else 'no'} | {r['iters_measured']} | {min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | "
                      f"{r['peak_gpu_gib']} | **{r['extrapolated_minutes']}** ({r['paper_iters']} it/unit) |")
     (tmp / 'README.md').write_text('\n'.join(lines) + '\n')
     old = out.with_name(f'.{out.name}.old-{os.getpid()}')

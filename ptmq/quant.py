@@ -173,6 +173,7 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled: return x
+        if x.dtype in (torch.float16, torch.bfloat16): x = x.float()   # under autocast: the grid arithmetic stays float32
         if self.observer is not None:
             self.init_from(x, *self.observer); self.observer = None
         if isinstance(self.idx, int):

@@ -46,6 +46,7 @@ class PTMQConfig:
     observe_images: int = 256
     batched_bits: bool | None = None
     cache: str = 'auto'
+    amp: bool = False
     quant_attn_matmul: bool = True
     single_bits: int | None = None
     log_every: int = 0
@@ -201,12 +202,13 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
         else:
             idx = torch.randint(n, (bs,), generator=dgen, device=dev)
             take = lambda t: t[idx]
-        if cfg.single_bits is not None:
-            bits = (cfg.single_bits,)
-            loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
-            terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
-        else:
-            loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            if cfg.single_bits is not None:
+                bits = (cfg.single_bits,)
+                loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
+                terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
+            else:
+                loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
         beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
         rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
         for o in opts: o.zero_grad(set_to_none=True)

@@ -30,12 +30,25 @@ def test_committed_benchmarks_plan_the_issue_runs():
     count = lambda m, w: sum(r.method == m and r.w_bits == w for r in runs)
     # W4: QDrop 3 bits x 3 seeds, PTMQ 3 seeds, BRECQ 3 bits x 1 seed, RTN once, 4 ablations once; W3A3: QDrop and PTMQ 3 seeds
     assert (count('qdrop', 4), count('ptmq', 4), count('brecq', 4), count('rtn', 4)) == (9, 3, 3, 1)
-    assert all(count(m, 4) == 1 for m in METHODS if m.startswith('ptmq_'))
+    assert all(count(m, 4) == 1 for m in ('ptmq_no_mfm', 'ptmq_mfm_no_fp', 'ptmq_gd_fp_only', 'ptmq_teacher_grad'))
     assert (count('qdrop', 3), count('ptmq', 3), count('brecq', 3)) == (3, 3, 1)
     assert {r.single_bits for r in runs if r.method == 'qdrop' and r.w_bits == 3} == {3}
     assert {r.seed for r in runs if r.method == 'qdrop'} == {0, 1, 2} and {r.seed for r in runs if r.method == 'brecq'} == {0}
     assert len({json.dumps(r.to_dict(), sort_keys=True) for r in runs}) == len(runs)       # no run twice
     assert p.ptmq.iters == load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False).ptmq.iters  # one count for all
+
+def test_committed_low_bit_studies_plan_their_runs():
+    "The A4/A3 studies: QDrop only at the lowest bit-width, one seed, the benchmark's iterations (and 4x them for the 800-it one)."
+    v = load_params(REPO / 'params/bench/cifar10_resnet20_variants.yaml', check_paths=False)
+    runs = [(r.method, r.w_bits, r.single_bits, r.seed) for r in v.benchmark.runs()]
+    assert runs == [('qdrop', 4, 4, 0), ('ptmq', 4, None, 0), ('ptmq_mfm_low', 4, None, 0), ('ptmq_amp', 4, None, 0),
+                    ('qdrop', 3, 3, 0), ('ptmq', 3, None, 0), ('ptmq_no_mfm', 3, None, 0), ('ptmq_mfm_low', 3, None, 0)]
+    base = load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False)
+    assert v.ptmq.iters == base.ptmq.iters and v.benchmark.runs()[2].config(v.ptmq).mix_lambdas == (0.6, 0.2, 0.2)
+    assert v.benchmark.runs()[3].config(v.ptmq).amp and not v.benchmark.runs()[1].config(v.ptmq).amp
+    long = load_params(REPO / 'params/bench/cifar10_resnet20_800it.yaml', check_paths=False)
+    assert long.ptmq.iters == 4 * base.ptmq.iters
+    assert [(r.method, r.single_bits) for r in long.benchmark.runs()] == [('qdrop', 4), ('ptmq', None), ('ptmq_no_mfm', None)]
 
 def test_run_config_is_the_method_switch_and_nothing_else():
     base, g = PTMQConfig(iters=50, lr_alpha=2e-3), BitGroups((4,), (6,), (8,))

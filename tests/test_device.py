@@ -55,3 +55,19 @@ def test_gpu_calibration_runs_and_agrees_with_cpu_roughly():
     with torch.no_grad():
         ya, yc = set_bits(a, 8)(x.cuda()).cpu(), set_bits(c, 8)(x)
     assert (ya.argmax(1) == yc.argmax(1)).float().mean() > 0.8   # different random streams on the GPU: close, not equal
+
+def test_amp_runs_the_loop_passes_in_bfloat16_only():
+    "`amp=True`: the unit's convolutions run in bfloat16 inside the reconstruction loop, in float32 while caching and observing."
+    from ptmq.blocks import quantize_model
+    from ptmq.recon import calibrate
+    torch.manual_seed(0)
+    fp = create_model('cifar_resnet20', pretrained=False)
+    calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = PTMQConfig(iters=3, batch_size=8, observe_images=16, amp=True)
+    qm = quantize_model(fp, cfg.w_bits, cfg.a_bits)
+    seen = []
+    qm.units[2].body[0].out_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    res = calibrate(qm, calib, cfg, progress=False)
+    assert seen.count(torch.bfloat16) == 3 * cfg.iters and torch.float32 in seen   # 3 bit passes a step; caches in float32
+    assert all(h['total'] == h['total'] and abs(h['total']) < float('inf') for h in res.history)
+    assert PTMQConfig.from_dict({'amp': True}).to_dict()['amp'] is True and PTMQConfig().amp is False

@@ -103,3 +103,12 @@ def test_act_quantizer_per_bit_steps_and_batched_pass():
     assert torch.equal(out, torch.cat(one))
     with pytest.raises(ValueError, match='not calibrated'): aq.index(4)
     with pytest.raises(ValueError, match='2..8'): ActQuantizer((1, 4))
+
+def test_act_quantizer_upcasts_low_precision_input():
+    "Under autocast a convolution hands the quantizer bfloat16: the grid arithmetic still runs in float32."
+    x = torch.relu(torch.randn(4, 3, 6, 6))
+    aq = ActQuantizer((4, 8))
+    aq.observer = ('minmax', 2.0); aq(x)
+    xb = x.bfloat16()
+    out = aq(xb)
+    assert out.dtype == torch.float32 and torch.equal(out, aq(xb.float()))
