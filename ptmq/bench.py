@@ -40,6 +40,10 @@ METHODS: dict[str, Method] = {
     'ptmq_teacher_grad': Method('PTMQ, teacher not detached', 'multi', {'detach_teacher': False}, 'distillation gradients also reach the high-bit pass'),
     'ptmq_mfm_low': Method('PTMQ, MFM weighted to low bits', 'multi', {'mix_lambdas': (0.6, 0.2, 0.2)},
                            'lambda = (0.6, 0.2, 0.2) in MFM and in the mix of the GD-Loss float term: the low-bit pass sees more of its own input'),
+    'ptmq_fp_each': Method('PTMQ, GD float term per pass', 'multi', {'gd_fp': 'each'},
+                           'each pass matched to the float output (lambda-weighted), instead of the mixed output'),
+    'ptmq_no_mfm_fp_each': Method('PTMQ, no MFM, float term per pass', 'multi', {'mfm': 'none', 'gd_fp': 'each'},
+                                  'each pass on its own float-dropped input and matched to the float output; distillation kept'),
     'ptmq_amp': Method('PTMQ, bfloat16 autocast', 'multi', {'amp': True}, 'the same calibration with the passes of the loop under bfloat16 autocast'),
 }
 
@@ -253,7 +257,7 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path
         panels.append((f"W{w}: PTMQ and per-bit baselines", base))
         if len({r['method'] for r in abl}) > 1: panels.append((f"W{w}: PTMQ ablations", abl))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.9), squeeze=False)
-    pal = dict(zip(METHODS, sns.color_palette('tab10', len(METHODS))))
+    pal = dict(zip(METHODS, sns.color_palette('tab10', 10) + sns.color_palette('Set2', len(METHODS) - 10)))
     for ax, (title, rs) in zip(axes[0], panels):
         for m in dict.fromkeys(r['method'] for r in rs):
             pts = sorted((r['a_bits'], r['top1'], r['top1_std'] or 0.0) for r in rs if r['method'] == m)

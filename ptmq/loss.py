@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['lp_distance', 'gd_loss', 'rounding_reg', 'beta_schedule']
+__all__ = ['FP_TERMS', 'lp_distance', 'gd_loss', 'rounding_reg', 'beta_schedule']
 
 # %% ../nbs/06_gdloss.ipynb #ea10fd20
 def lp_distance(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
@@ -18,12 +18,17 @@ def lp_distance(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
     return (d.square() if p == 2 else d.abs().pow(p)).sum(-1 if d.dim() == 3 else 1).mean()
 
 # %% ../nbs/06_gdloss.ipynb #1c88ea46
+FP_TERMS = ('mix', 'each')
+
 def gd_loss(f_l: Tensor, f_m: Tensor, f_h: Tensor, f_fp: Tensor, lambdas: Sequence[float] = (1/3, 1/3, 1/3),
-            g: Sequence[float] = (1.0, 1.0, 1.0), detach_teacher: bool = True, p: float = 2.0) -> tuple[Tensor, dict[str, float]]:
+            g: Sequence[float] = (1.0, 1.0, 1.0), detach_teacher: bool = True, p: float = 2.0,
+            fp_term: str = 'mix') -> tuple[Tensor, dict[str, float]]:
     "Group-wise distillation loss and its three terms `{'fp', 'h_m', 'h_l'}` (unweighted, detached: reading them is the caller's choice)."
-    mixed = lambdas[0] * f_l + lambdas[1] * f_m + lambdas[2] * f_h
+    if fp_term not in FP_TERMS: raise ValueError(f"fp_term must be one of {FP_TERMS}, got {fp_term!r}")
+    if fp_term == 'mix': fp = lp_distance(lambdas[0] * f_l + lambdas[1] * f_m + lambdas[2] * f_h, f_fp, p)
+    else: fp = sum(l * lp_distance(f, f_fp, p) for l, f in zip(lambdas, (f_l, f_m, f_h)))
     teacher = f_h.detach() if detach_teacher else f_h
-    terms = {'fp': lp_distance(mixed, f_fp, p), 'h_m': lp_distance(f_m, teacher, p), 'h_l': lp_distance(f_l, teacher, p)}
+    terms = {'fp': fp, 'h_m': lp_distance(f_m, teacher, p), 'h_l': lp_distance(f_l, teacher, p)}
     total = g[0] * terms['fp'] + g[1] * terms['h_m'] + g[2] * terms['h_l']
     return total, {k: v.detach() for k, v in terms.items()}
 

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
 from .blocks import QuantModel, quantize_model, act_quantizers, weight_quantizers, set_bits, quant_state
 from .mfm import BitGroups, MultiBitFeatureMixer, MFM_MODES
-from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance
+from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 
 log = logging.getLogger('ptmq')
 
@@ -40,6 +40,7 @@ class PTMQConfig:
     mix_lambdas: tuple[float, float, float] = (1/3, 1/3, 1/3)
     drop_prob: float = 0.5
     gd_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    gd_fp: str = 'mix'
     detach_teacher: bool = True
     observer: str = 'mse'
     observer_p: float = 2.0
@@ -66,6 +67,7 @@ class PTMQConfig:
         for name in ('batch_size', 'observe_images'):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1")
         if self.mfm not in MFM_MODES: raise ValueError(f"mfm must be one of {MFM_MODES}, got {self.mfm!r}")
+        if self.gd_fp not in FP_TERMS: raise ValueError(f"gd_fp must be one of {FP_TERMS}, got {self.gd_fp!r}")
         if self.observer not in OBSERVERS: raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {self.observer!r}")
         if not 0 <= self.warmup < 1: raise ValueError("warmup must be in [0, 1)")
         if self.cache not in ('auto', 'device', 'host'): raise ValueError(f"cache must be auto, device or host, got {self.cache!r}")
@@ -164,7 +166,7 @@ def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
         for b, x_in in zip(bits, inputs):
             set_bits(unit, b); outs.append(unit(x_in))
         f_l, f_m, f_h = outs
-    loss, terms = gd_loss(f_l, f_m, f_h, y_fp, cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher)
+    loss, terms = gd_loss(f_l, f_m, f_h, y_fp, cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher, fp_term=cfg.gd_fp)
     return loss, terms, bits
 
 def _single_bit_loss(unit, x_fp, x_b, y_fp, cfg, mfm, gen):

@@ -41,11 +41,14 @@ def test_committed_low_bit_studies_plan_their_runs():
     "The A4/A3 studies: QDrop only at the lowest bit-width, one seed, the benchmark's iterations (and 4x them for the 800-it one)."
     v = load_params(REPO / 'params/bench/cifar10_resnet20_variants.yaml', check_paths=False)
     runs = [(r.method, r.w_bits, r.single_bits, r.seed) for r in v.benchmark.runs()]
-    assert runs == [('qdrop', 4, 4, 0), ('ptmq', 4, None, 0), ('ptmq_mfm_low', 4, None, 0), ('ptmq_amp', 4, None, 0),
-                    ('qdrop', 3, 3, 0), ('ptmq', 3, None, 0), ('ptmq_no_mfm', 3, None, 0), ('ptmq_mfm_low', 3, None, 0)]
+    assert runs == [('qdrop', 4, 4, 0), ('ptmq', 4, None, 0), ('ptmq_mfm_low', 4, None, 0), ('ptmq_no_mfm_fp_each', 4, None, 0),
+                    ('ptmq_amp', 4, None, 0), ('qdrop', 3, 3, 0), ('ptmq', 3, None, 0), ('ptmq_no_mfm', 3, None, 0),
+                    ('ptmq_mfm_low', 3, None, 0), ('ptmq_fp_each', 3, None, 0), ('ptmq_no_mfm_fp_each', 3, None, 0)]
     base = load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False)
     assert v.ptmq.iters == base.ptmq.iters and v.benchmark.runs()[2].config(v.ptmq).mix_lambdas == (0.6, 0.2, 0.2)
-    assert v.benchmark.runs()[3].config(v.ptmq).amp and not v.benchmark.runs()[1].config(v.ptmq).amp
+    assert v.benchmark.runs()[4].config(v.ptmq).amp and not v.benchmark.runs()[1].config(v.ptmq).amp
+    each = v.benchmark.runs()[3].config(v.ptmq)
+    assert (each.mfm, each.gd_fp) == ('none', 'each') and v.benchmark.runs()[1].config(v.ptmq).gd_fp == 'mix'
     long = load_params(REPO / 'params/bench/cifar10_resnet20_800it.yaml', check_paths=False)
     assert long.ptmq.iters == 4 * base.ptmq.iters
     assert [(r.method, r.single_bits) for r in long.benchmark.runs()] == [('qdrop', 4), ('ptmq', None), ('ptmq_no_mfm', None)]

@@ -2,6 +2,7 @@ import pytest
 import torch
 from ptmq.mfm import BitGroups, MultiBitFeatureMixer
 from ptmq.loss import lp_distance, gd_loss, rounding_reg, beta_schedule
+from ptmq.recon import PTMQConfig
 
 def test_bitgroups_validation_and_sampling():
     g = BitGroups((3, 4), (5, 6), (7, 8))
@@ -53,6 +54,18 @@ def test_gd_loss_hand_values_and_teacher_detach():
     total, _ = gd_loss(f_l, f_m, f_h, f_fp, g=(1.0, 2.0, 0.5), detach_teacher=False); total.backward()
     # the distillation terms now pull the teacher too: + 2 * 2 * (f_h - f_m)/2 + 0.5 * 2 * (f_h - f_l)/2
     assert torch.allclose(f_h.grad, torch.full((2, 3), 2 / 3 + 2 * (1 - 2) + 0.5 * (1 - 3)))
+
+def test_gd_loss_float_term_per_pass():
+    "fp_term='each': lambda-weighted D(f_b, f_fp); the high pass's gradient no longer depends on the low pass's error."
+    f_fp = torch.zeros(2, 3)
+    f_l = torch.full((2, 3), 3.0, requires_grad=True); f_m = torch.full((2, 3), 2.0, requires_grad=True)
+    f_h = torch.full((2, 3), 1.0, requires_grad=True)
+    total, terms = gd_loss(f_l, f_m, f_h, f_fp, lambdas=(0.5, 0.25, 0.25), g=(1.0, 0.0, 0.0), fp_term='each')
+    assert terms['fp'].item() == 0.5 * 27 + 0.25 * 12 + 0.25 * 3 and total.item() == terms['fp'].item()
+    total.backward()
+    assert torch.allclose(f_h.grad, torch.full((2, 3), 0.25 * 2 * 1.0 / 2))       # lambda_h * 2 (f_h - f_fp) / batch
+    with pytest.raises(ValueError, match="fp_term must be one of"): gd_loss(f_l, f_m, f_h, f_fp, fp_term='sum')
+    with pytest.raises(ValueError, match="gd_fp must be one of"): PTMQConfig(gd_fp='sum')
 
 def test_rounding_regulariser_and_beta_schedule():
     h = torch.tensor([0.0, 0.5, 1.0, 0.9])
