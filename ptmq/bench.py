@@ -304,8 +304,10 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
             ds = {a: by[(m, w, a)]['top1'] - by[('ptmq', w, a)]['top1'] for a in bits if (m, w, a) in by}
             stds = [by[('ptmq', w, a)]['top1_std'] for a in bits if by[('ptmq', w, a)]['top1_std'] is not None]
             spread = max(stds, default=0.0)
-            verdict = ('the full method is better' if all(d < -spread for d in ds.values()) else
-                       'the variant is better' if all(d > spread for d in ds.values()) else 'mixed or within the seed spread')
+            up, down = [a for a, d in ds.items() if d > spread], [a for a, d in ds.items() if d < -spread]
+            verdict = ('the full method is better' if len(down) == len(ds) else 'the variant is better' if len(up) == len(ds) else
+                       f"a trade-off: better at {', '.join(f'A{a}' for a in up)}, worse at {', '.join(f'A{a}' for a in down)}" if up and down else
+                       'mixed or within the seed spread')
             lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) + f" against PTMQ ({verdict}; " +
                          (f"PTMQ's largest seed std here is {spread:.2f})." if stds else "one seed: no seed spread measured here)."))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"

@@ -99,6 +99,9 @@ def test_reading_states_targets_losses_and_ablations():
     assert 'ratio **0.65** (meets the 0.8 target on CPU)' in text
     assert 'PTMQ, no MFM: A4 -6.00, A6 -3.00, A8 -1.50 against PTMQ (the full method is better' in text
     assert 'Where PTMQ loses at W4: A4 (-5.00 vs QDrop)' in text
+    more = RECORDS + [rec('ptmq_mfm_low', 4, 0, {4: 74, 6: 78, 8: 81.5}, 29)]
+    assert ('PTMQ, MFM weighted to low bits: A4 +3.00, A6 -3.00, A8 +0.00 against PTMQ (a trade-off: better at A4, worse at A6; '
+            "PTMQ's largest seed std here is 1.00)") in reading(summarize(more), 82.0, {})
     t = accuracy_table(rows, 82.0)
     assert list(t.columns) == ['W4A4', 'W4A6', 'W4A8', 'FP32'] and t.loc['PTMQ', 'W4A4'] == '71.00 ± 1.00' and t.loc['round-to-nearest', 'W4A8'] == '79.00'
 
