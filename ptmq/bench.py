@@ -257,7 +257,7 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path
         panels.append((f"W{w}: PTMQ and per-bit baselines", base))
         if len({r['method'] for r in abl}) > 1: panels.append((f"W{w}: PTMQ ablations", abl))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.9), squeeze=False)
-    pal = dict(zip(METHODS, sns.color_palette('tab10', 10) + sns.color_palette('Set2', len(METHODS) - 10)))
+    pal = dict(zip(METHODS, (sns.color_palette('tab10') + sns.color_palette('Set2'))[:len(METHODS)]))
     for ax, (title, rs) in zip(axes[0], panels):
         for m in dict.fromkeys(r['method'] for r in rs):
             pts = sorted((r['a_bits'], r['top1'], r['top1_std'] or 0.0) for r in rs if r['method'] == m)

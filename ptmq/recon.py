@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_reconstruction.ipynb #af9d76d7
 from __future__ import annotations
-import dataclasses, logging, math, time
+import contextlib, dataclasses, logging, math, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -197,6 +197,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     host = cfg.cache == 'host' or x_fp.device != dev      # caches in host memory: host indices, pinned gathers, async copies
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
+    amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext   # chosen once, not per step
     for it in range(cfg.iters):
         if host:
             idx = torch.randint(n, (bs,), generator=gen)
@@ -204,7 +205,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
         else:
             idx = torch.randint(n, (bs,), generator=dgen, device=dev)
             take = lambda t: t[idx]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with amp():
             if cfg.single_bits is not None:
                 bits = (cfg.single_bits,)
                 loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
