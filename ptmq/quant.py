@@ -44,17 +44,20 @@ def minmax_qparams(x: Tensor, bits: int, per_channel: bool = False) -> tuple[Ten
     "MinMax observer: the grid spans the whole range of `x` (per row of `x` when `per_channel`)."
     return qparams(*_range(x, per_channel), bits)
 
+@torch.no_grad()
 def mse_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0, grid: int = 100) -> tuple[Tensor, Tensor]:
     "MSE observer: the range `[c*lo, c*hi]`, c in (0, 1], with the smallest mean `|x - x_q|^p` (per row when `per_channel`)."
     lo, hi = _range(x, per_channel)
     best_s, best_z = qparams(lo, hi, bits)
     best_err = torch.full_like(lo, float('inf'))
+    qmax, e = 2 ** bits - 1, torch.empty_like(x)     # one buffer, reused by every candidate
     for i in range(grid, 0, -1):
         c = i / grid
         s, z = qparams(lo * c, hi * c, bits)
         sb, zb = (s[:, None], z[:, None]) if per_channel else (s, z)
-        err = (fake_quant(x, sb, zb, 0, 2 ** bits - 1) - x).abs().pow(p)
-        err = err.mean(dim=1) if per_channel else err.mean()
+        # |fake_quant(x) - x|^p, op for op, in place (round_ste's forward is exactly round)
+        torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_().pow_(p)
+        err = e.mean(dim=1) if per_channel else e.mean()
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)

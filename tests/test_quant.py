@@ -63,6 +63,25 @@ def test_mse_observer_never_worse_than_minmax(bits):
     assert err(mse_qparams(x, bits)) <= err(minmax_qparams(x, bits))
     with pytest.raises(ValueError, match='unknown observer'): observe(x, bits, 'kl')
 
+@pytest.mark.parametrize('bits,p,per_channel', [(2, 2.0, False), (4, 2.4, False), (8, 2.0, False), (3, 2.0, True)])
+def test_mse_observer_is_the_first_best_candidate(bits, p, per_channel):
+    # the in-place search picks exactly the candidate a brute-force table of |fake_quant(x) - x|^p errors picks
+    # (candidates c = 1, 0.99, ..., 0.01; the first of equal errors wins)
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(16, 500, generator=g) if per_channel else torch.randn(30000, generator=g).relu() - 0.1
+    lo, hi = (x.amin(1), x.amax(1)) if per_channel else (x.min(), x.max())
+    cands = [qparams(lo * (i / 100), hi * (i / 100), bits) for i in range(100, 0, -1)]
+    def err(s, z):
+        s, z = (s[:, None], z[:, None]) if per_channel else (s, z)
+        e = (fake_quant(x, s, z, 0, 2 ** bits - 1) - x).abs().pow(p)
+        return e.mean(1) if per_channel else e.mean()
+    pick = torch.stack([err(s, z) for s, z in cands]).argmin(0)
+    s, z = mse_qparams(x, bits, per_channel, p=p)
+    want = [torch.stack(t) for t in zip(*cands)]
+    if per_channel: want = [w.gather(0, pick[None])[0] for w in want]
+    else: want = [w[pick] for w in want]
+    assert torch.equal(s, want[0]) and torch.equal(z, want[1])
+
 def test_adaround_initial_h_equals_frac_and_modes():
     w = torch.randn(6, 3, 3, 3)
     wq = WeightQuantizer(w, 4)
