@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_data.ipynb #4fc5dac7
 from __future__ import annotations
-import os, time, logging
+import os, re, time, logging
 from pathlib import Path
 import torch
 from torch import nn, Tensor
@@ -16,8 +16,8 @@ from .models import model_spec
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'model_transform', 'image_folder', 'seeded_subset', 'calibration_images', 'make_toy_folder', 'evaluate',
-           'preload']
+__all__ = ['log', 'WNID', 'model_transform', 'image_folder', 'seeded_subset', 'calibration_images', 'make_toy_folder',
+           'match_labels', 'evaluate', 'preload']
 
 # %% ../nbs/03_data.ipynb #219d67f8
 def model_transform(name: str, model: nn.Module | None = None) -> transforms.Compose:
@@ -61,6 +61,25 @@ def make_toy_folder(root: str | os.PathLike, classes: int = 3, per_class: int = 
             px = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(px).save(root / f'class{c}' / f'{i:04d}.png')
     return root
+
+# %% ../nbs/03_data.ipynb #7ddc5fe6
+WNID = re.compile(r'n\d{8}')
+
+def match_labels(ds: datasets.ImageFolder, num_outputs: int) -> datasets.ImageFolder:
+    "`ds` with labels that index a model's `num_outputs` outputs: ImageNet wnid folders (a subset too) get their 1000-class index; other mismatches are errors."
+    if num_outputs == 1000 and ds.classes and all(WNID.fullmatch(c) for c in ds.classes):
+        from timm.data import ImageNetInfo
+        index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+        unknown = [c for c in ds.classes if c not in index]
+        if unknown: raise ValueError(f"{ds.root}: class folders {unknown[:3]} are not ImageNet-1k wnids")
+        new = [index[c] for c in ds.classes]
+        ds.class_to_idx = {c: index[c] for c in ds.classes}
+        ds.samples = ds.imgs = [(path, new[t]) for path, t in ds.samples]
+        ds.targets = [t for _, t in ds.samples]
+    elif len(ds.classes) != num_outputs:
+        raise ValueError(f"{ds.root}: {len(ds.classes)} class folders but the model has {num_outputs} outputs, so the folders' sorted "
+                         "order cannot be the model's classes; evaluate on one folder per model class (ImageNet models: folders named by wnid)")
+    return ds
 
 # %% ../nbs/03_data.ipynb #92e3421c
 @torch.no_grad()

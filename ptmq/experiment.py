@@ -145,13 +145,15 @@ class Prepared:
 def prepare(p: ExperimentParams) -> Prepared:
     "Load the float model, a seeded calibration tensor, and the (preloaded) evaluation set of `p`."
     from ptmq.models import create_model
-    from ptmq.data import model_transform, calibration_images, image_folder, seeded_subset, preload
+    from ptmq.data import model_transform, calibration_images, image_folder, seeded_subset, preload, match_labels
     t = time.perf_counter()
     w = p.path(p.weights)
     model = create_model(p.model, weights=w, pretrained=p.pretrained)
     tf = model_transform(p.model, model)
+    ev = image_folder(p.path(p.eval_data), tf)
+    with torch.no_grad(): ev = match_labels(ev, model.eval()(ev[0][0][None]).shape[-1])   # labels checked before the slow work
     calib = calibration_images(p.path(p.calib_data), tf, p.calib_images, p.calib_seed, p.workers)
-    eval_set = seeded_subset(image_folder(p.path(p.eval_data), tf), p.eval_images, seed=p.calib_seed)
+    eval_set = seeded_subset(ev, p.eval_images, seed=p.calib_seed)
     if len(eval_set) <= 20000: eval_set = preload(eval_set, p.eval_batch, p.workers)
     return Prepared(model, calib, eval_set, time.perf_counter() - t)
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import need_shared
 from ptmq.models import create_model, read_state_dict, WeightsError, cifar_resnet, model_spec
-from ptmq.data import model_transform, image_folder, preload, evaluate, calibration_images, make_toy_folder, seeded_subset
+from ptmq.data import (model_transform, image_folder, preload, evaluate, calibration_images, make_toy_folder, seeded_subset,
+                       match_labels)
 
 def test_resnet20_checkpoint_reproduces_fp32_top1_exactly():
     w = need_shared('weights', 'cifar10', 'resnet20-12fca82f.th')
@@ -40,6 +41,17 @@ def test_calibration_images_seeded_and_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match='data folder not found'): image_folder(tmp_path / 'missing')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match='not an ImageFolder'): image_folder(tmp_path / 'empty')
+
+def test_labels_match_the_model_outputs(tmp_path):
+    "wnid folders (any subset) get their ImageNet-1k index; a folder whose classes cannot be the model's is refused."
+    root = make_toy_folder(tmp_path / 'toy', classes=3, per_class=2)
+    for c, wnid in zip(('class0', 'class1', 'class2'), ('n15075141', 'n01443537', 'n01440764')): (root / c).rename(root / wnid)
+    ds = match_labels(image_folder(root), 1000)       # folder order n01440764, n01443537, n15075141
+    assert ds.targets == [0, 0, 1, 1, 999, 999] and [t for _, t in ds.samples] == ds.targets and ds[4][1] == 999
+    assert match_labels(image_folder(root), 3).targets == [0, 0, 1, 1, 2, 2]      # a 3-class model: folder order
+    with pytest.raises(ValueError, match='3 class folders but the model has 10 outputs'): match_labels(image_folder(root), 10)
+    (root / 'n15075141').rename(root / 'n00000001')
+    with pytest.raises(ValueError, match='not ImageNet-1k wnids'): match_labels(image_folder(root), 1000)
 
 def test_imagenet_preprocessing_comes_from_timm_data_config():
     tf = model_transform('resnet18')
