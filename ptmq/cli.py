@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument('--batch-size', type=int, default=32)
     g.add_argument('--device', default='auto')
     g.add_argument('--amp', choices=['off', 'on', 'both'], default='both', help='time float32, bfloat16 autocast, or both')
+    g.add_argument('--qdrop', action=argparse.BooleanOptionalAction, default=True, help='also time per-bit-width QDrop: the GPU cost ratio')
     g.add_argument('--out', default='reports/gpu_check')
     args = ap.parse_args(argv)
     def _term(*_): raise KeyboardInterrupt
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == 'gpu-check':
             from ptmq.gpucheck import gpu_check
             amp = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.amp]
-            out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp)
+            out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp,
+                            qdrop=args.qdrop)
             print((out / 'README.md').read_text())
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 2

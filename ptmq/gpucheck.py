@@ -11,18 +11,24 @@ import torch
 from .models import create_model, model_spec
 from .mfm import BitGroups
 from .recon import PTMQConfig, ptmq
+from .bench import METHODS, Run
 
 log = logging.getLogger('ptmq')
+GROUPS = BitGroups((4,), (6,), (8,))      # the paper's W4 groups: low 4, mid 6, high 8
 
 # %% auto #0
-__all__ = ['log', 'time_model', 'gpu_check']
+__all__ = ['log', 'GROUPS', 'time_model', 'qdrop_ratios', 'gpu_check', 'gpu_check_markdown']
 
 # %% ../nbs/13_gpu_check.ipynb #9b91f800
 def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32,
                input_size: int = 224, groups: BitGroups | None = None, device: str = 'auto', seed: int = 0,
-               progress: bool = False, amp: bool = False) -> dict[str, Any]:
-    "Calibrate `name` (random weights, random images) for `iters` iterations per unit; seconds per iteration per unit, peak memory, extrapolation."
-    cfg = PTMQConfig(w_bits=4, groups=groups or BitGroups((4,), (6,), (8,)), iters=iters, batch_size=batch_size, device=device, seed=seed, amp=amp)
+               progress: bool = False, amp: bool = False, method: str = 'ptmq', single_bits: int | None = None) -> dict[str, Any]:
+    "Calibrate `name` (random weights, random images) for `iters` iterations per unit with a benchmark `method`; seconds per iteration per unit, peak memory, extrapolation."
+    if method not in METHODS: raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    base = PTMQConfig(w_bits=4, groups=groups or GROUPS, iters=iters, batch_size=batch_size, device=device, seed=seed, amp=amp)
+    if (METHODS[method].kind == 'single') != (single_bits is not None) or (single_bits is not None and single_bits not in base.a_bits):
+        raise ValueError(f"{method} needs single_bits {'in ' + str(base.a_bits) if METHODS[method].kind == 'single' else 'None'}, got {single_bits}")
+    cfg = Run(method, 4, base.groups, seed, single_bits).config(base)      # the benchmark's switches for `method`
     dev = cfg.resolved_device()
     g = torch.Generator().manual_seed(seed)
     model = create_model(name, pretrained=False)
@@ -32,47 +38,81 @@ def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int
     c = qm.calibration
     per_iter = [l / iters for l in c.loop_seconds] if iters else [0.0] * len(c.loop_seconds)
     full = sum(u - l for u, l in zip(c.unit_seconds, c.loop_seconds)) + sum(p * paper_iters for p in per_iter)
-    return {'model': name, 'units': len(qm.units), 'images': images, 'input_size': input_size, 'batch_size': batch_size,
+    return {'model': name, 'method': method, 'units': len(qm.units), 'images': images, 'input_size': input_size, 'batch_size': batch_size,
             'bits': list(cfg.a_bits), 'amp': amp, 'iters_measured': iters, 'paper_iters': paper_iters, 'device': c.device,
             'device_name': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu',
             'cache_device': c.cache_device, 'measured_seconds': round(c.seconds, 2),
             'seconds_per_iter': [round(p, 5) for p in per_iter], 'unit_overhead_seconds': [round(u - l, 3) for u, l in zip(c.unit_seconds, c.loop_seconds)],
-            'extrapolated_minutes': round(full / 60, 1),
+            'extrapolated_seconds': round(full, 1), 'extrapolated_minutes': round(full / 60, 1),
             'peak_gpu_gib': round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == 'cuda' else None}
 
 # %% ../nbs/13_gpu_check.ipynb #5e7b4167
+def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    "Per model: one float32 PTMQ calibration against the per-bit-width QDrop calibrations it replaces, measured and at paper iterations."
+    out = []
+    for m in dict.fromkeys(r['model'] for r in rows):
+        p = [r for r in rows if r['model'] == m and r['method'] == 'ptmq' and not r['amp']]
+        q = [r for r in rows if r['model'] == m and r['method'] == 'qdrop' and not r['amp']]
+        if not p or sorted(b for r in q for b in r['bits']) != sorted(p[0]['bits']): continue
+        qs, qf = sum(r['measured_seconds'] for r in q), sum(r['extrapolated_seconds'] for r in q)
+        out.append({'model': m, 'bits': p[0]['bits'], 'ptmq_seconds': p[0]['measured_seconds'], 'qdrop_seconds': round(qs, 2),
+                    'ratio': round(p[0]['measured_seconds'] / qs, 3), 'ptmq_paper_minutes': round(p[0]['extrapolated_seconds'] / 60, 1),
+                    'qdrop_paper_minutes': round(qf / 60, 1), 'paper_ratio': round(p[0]['extrapolated_seconds'] / qf, 3)})
+    return out
+
 def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), out: str | Path = 'reports/gpu_check',
               images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32, input_size: int = 224,
-              device: str = 'auto', progress: bool = True, amp: Sequence[bool] = (False, True)) -> Path:
-    "Time each model with `time_model`, in float32 and/or under bfloat16 autocast, and write `out/results.json` and `out/README.md` (atomically: a failed check keeps the old report)."
+              device: str = 'auto', progress: bool = True, amp: Sequence[bool] = (False, True), qdrop: bool = True,
+              warmup: bool = True) -> Path:
+    "Time each model with `time_model` (PTMQ in float32 and/or bfloat16 autocast; QDrop per bit-width when `qdrop`); write `out/results.json` and `out/README.md` atomically."
     cfg = PTMQConfig(device=device)
     dev = cfg.resolved_device()
     if device == 'auto' and dev.type != 'cuda':
         raise RuntimeError("no CUDA device here: the GPU check needs one (pass device='cpu' / --device cpu for a slow dry run)")
     for m in models: model_spec(m)          # an unknown name fails before any work
-    rows = []
-    for m in models:
-        for a in amp:
-            log.info("gpu check: %s%s, %d images %dx%d, %d iterations per unit, batch %d, on %s", m, ' (bf16 autocast)' if a else '',
-                     images, input_size, input_size, iters, batch_size, dev)
-            rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress, amp=a))
-            log.info("%s: about %.1f min for a full calibration at %d iterations per unit; peak %s GiB", m, rows[-1]['extrapolated_minutes'],
-                     paper_iters, rows[-1]['peak_gpu_gib'])
+    plan = [(m, 'ptmq', a, None) for m in models for a in amp] + [(m, 'qdrop', False, b) for m in models if qdrop for b in GROUPS.all_bits]
+    plan.sort(key=lambda t: models.index(t[0]))
+    log.info("gpu check: %d calibrations (%s), %d images %dx%d, %d iterations per unit, batch %d, on %s", len(plan), ', '.join(models),
+             images, input_size, input_size, iters, batch_size, dev)
+    if warmup:      # one-time costs (CUDA context, lazily loaded kernels, library handles) kept out of the first timed run
+        for m, method, a, b in dict.fromkeys((m, method, a, b if b is None else GROUPS.all_bits[0]) for m, method, a, b in plan):
+            time_model(m, 2 * batch_size, 2, paper_iters, batch_size, input_size, device=device, amp=a, method=method, single_bits=b)
+    rows, t0 = [], time.perf_counter()
+    for i, (m, method, a, b) in enumerate(plan):
+        rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress, amp=a,
+                               method=method, single_bits=b))
+        spent = time.perf_counter() - t0
+        log.info("[%d/%d] %s %s%s: %.1fs; about %.1f min for a full calibration at %d it/unit; peak %s GiB; about %.0fs of the check left",
+                 i + 1, len(plan), m, METHODS[method].label, f' A{b}' if b else ' (bf16 autocast)' if a else '', rows[-1]['measured_seconds'],
+                 rows[-1]['extrapolated_minutes'], paper_iters, rows[-1]['peak_gpu_gib'], spent / (i + 1) * (len(plan) - i - 1))
     out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     import ptmq as _p
-    rec = {'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'results': rows}
+    rec = {'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+           'results': rows, 'qdrop_ratios': qdrop_ratios(rows)}
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
-    lines = ['# GPU check', '', f"Written by `ptmq gpu-check` ({rec['finished']}, torch {rec['torch']}). Random weights and images; "
-             f"each unit calibrated for the measured iterations, its loop time extrapolated to the paper's iterations per unit.", '',
-             '| model | device | units | images | batch | bits | bf16 autocast | iters measured | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['device_name']} | {r['units']} | {r['images']}x{r['input_size']}² | {r['batch_size']} | "
-                     f"{'/'.join(map(str, r['bits']))} | {'yes' if r['amp'] else 'no'} | {r['iters_measured']} | {min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | "
-                     f"{r['peak_gpu_gib']} | **{r['extrapolated_minutes']}** ({r['paper_iters']} it/unit) |")
-    (tmp / 'README.md').write_text('\n'.join(lines) + '\n')
+    (tmp / 'README.md').write_text(gpu_check_markdown(rec))
     old = out.with_name(f'.{out.name}.old-{os.getpid()}')
     if out.exists(): os.replace(out, old)
     os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
     return out
+
+def gpu_check_markdown(rec: dict[str, Any]) -> str:
+    "The README of a GPU check record: one row per calibration, then the cost of PTMQ against per-bit QDrop."
+    lines = ['# GPU check', '', f"Written by `ptmq gpu-check` ({rec['finished']}, torch {rec['torch']}). Random weights and images; "
+             f"each unit calibrated for the measured iterations, its loop time extrapolated to the paper's iterations per unit.", '',
+             '| model | method | device | units | images | batch | bits | bf16 autocast | iters measured | measured (s) | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in rec['results']:
+        lines.append(f"| {r['model']} | {METHODS[r['method']].label} | {r['device_name']} | {r['units']} | {r['images']}x{r['input_size']}² | {r['batch_size']} | "
+                     f"{'/'.join(map(str, r['bits']))} | {'yes' if r['amp'] else 'no'} | {r['iters_measured']} | {r['measured_seconds']} | "
+                     f"{min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | {r['peak_gpu_gib']} | **{r['extrapolated_minutes']}** ({r['paper_iters']} it/unit) |")
+    if rec['qdrop_ratios']:
+        lines += ['', '## One PTMQ calibration against the per-bit-width QDrop calibrations it replaces', '',
+                  'Float32, same iterations per unit; the target is a ratio of at most 0.5 on a GPU.', '',
+                  '| model | bits | PTMQ (s) | QDrop, all bits (s) | ratio | PTMQ at paper iters (min) | QDrop at paper iters (min) | ratio at paper iters |',
+                  '|---|---|---|---|---|---|---|---|']
+        for c in rec['qdrop_ratios']:
+            lines.append(f"| {c['model']} | {'/'.join(map(str, c['bits']))} | {c['ptmq_seconds']} | {c['qdrop_seconds']} | **{c['ratio']:.2f}** | "
+                         f"{c['ptmq_paper_minutes']} | {c['qdrop_paper_minutes']} | **{c['paper_ratio']:.2f}** |")
+    return '\n'.join(lines) + '\n'

@@ -38,9 +38,18 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     assert r['units'] == 11 and len(r['seconds_per_iter']) == 11 and all(s > 0 for s in r['seconds_per_iter'][:-1])
     full = sum(r['unit_overhead_seconds']) + sum(s * 100 for s in r['seconds_per_iter'])
     assert r['extrapolated_minutes'] == pytest.approx(full / 60, abs=0.06) and r['peak_gpu_gib'] is None
-    out = gpu_check(['cifar_resnet20'], tmp_path / 'gc', images=16, iters=1, paper_iters=10, batch_size=8, input_size=32, device='cpu', progress=False)
-    assert json.loads((out / 'results.json').read_text())['results'][0]['model'] == 'cifar_resnet20'
-    assert '| cifar_resnet20 | cpu | 11 |' in (out / 'README.md').read_text()
+    out = gpu_check(['cifar_resnet20'], tmp_path / 'gc', images=16, iters=1, paper_iters=10, batch_size=8, input_size=32, device='cpu',
+                    progress=False, amp=(False,))
+    rec = json.loads((out / 'results.json').read_text())
+    assert [(r['method'], r['bits']) for r in rec['results']] == [('ptmq', [4, 6, 8]), ('qdrop', [4]), ('qdrop', [6]), ('qdrop', [8])]
+    (c,) = rec['qdrop_ratios']
+    assert c['qdrop_seconds'] == pytest.approx(sum(r['measured_seconds'] for r in rec['results'][1:]), abs=0.02)
+    assert c['ratio'] == pytest.approx(rec['results'][0]['measured_seconds'] / c['qdrop_seconds'], abs=2e-3)
+    assert c['paper_ratio'] == pytest.approx(rec['results'][0]['extrapolated_seconds'] / sum(r['extrapolated_seconds'] for r in rec['results'][1:]), abs=2e-3)
+    md = (out / 'README.md').read_text()
+    assert '| cifar_resnet20 | PTMQ | cpu | 11 |' in md and '| cifar_resnet20 | QDrop | cpu | 11 |' in md and f"**{c['ratio']:.2f}**" in md
+    with pytest.raises(ValueError, match='qdrop needs single_bits in'): time_model('cifar_resnet20', images=8, iters=1, input_size=32, device='cpu', method='qdrop')
+    with pytest.raises(ValueError, match='unknown method'): time_model('cifar_resnet20', method='adaround', device='cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(RuntimeError, match='no CUDA device here'): gpu_check(['resnet18'], tmp_path / 'x')
     assert main(['gpu-check', '--out', str(tmp_path / 'x')]) == 1 and not (tmp_path / 'x').exists()
@@ -55,6 +64,25 @@ def test_gpu_calibration_runs_and_agrees_with_cpu_roughly():
     with torch.no_grad():
         ya, yc = set_bits(a, 8)(x.cuda()).cpu(), set_bits(c, 8)(x)
     assert (ya.argmax(1) == yc.argmax(1)).float().mean() > 0.8   # different random streams on the GPU: close, not equal
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.parametrize('cache', ['device', 'host'])
+def test_gpu_loop_does_not_synchronise_per_iteration(cache):
+    "The host syncs of a calibration (flagged by torch's sync debug mode) do not grow with the iterations: the loop never waits for the GPU."
+    import warnings
+    def syncs(iters):
+        torch.manual_seed(0)
+        fp = create_model('cifar_resnet20', pretrained=False)
+        calib = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        cfg = PTMQConfig(iters=iters, batch_size=8, observe_images=16, cache=cache, device='cuda', log_every=10**6)  # loss read at 2 steps a unit
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try: ptmq(fp, calib, cfg, progress=False)
+            finally: torch.cuda.set_sync_debug_mode('default')
+        return sum('synchroniz' in str(w.message) for w in seen)
+    syncs(2)                                   # one-time work (CUDA context, library handles) out of the count
+    assert syncs(5) == syncs(30) > 0
 
 def test_amp_runs_the_loop_passes_in_bfloat16_only():
     "`amp=True`: the unit's convolutions run in bfloat16 inside the reconstruction loop, in float32 while caching and observing."
