@@ -65,17 +65,25 @@ def make_toy_folder(root: str | os.PathLike, classes: int = 3, per_class: int = 
 # %% ../nbs/03_data.ipynb #7ddc5fe6
 WNID = re.compile(r'n\d{8}')
 
+def _relabel(ds: datasets.ImageFolder, index: dict[str, int]) -> None:
+    "Give each class folder of `ds` the label `index[folder]`, in place."
+    new = [index[c] for c in ds.classes]
+    ds.class_to_idx = {c: index[c] for c in ds.classes}
+    ds.samples = ds.imgs = [(path, new[t]) for path, t in ds.samples]
+    ds.targets = [t for _, t in ds.samples]
+
 def match_labels(ds: datasets.ImageFolder, num_outputs: int) -> datasets.ImageFolder:
-    "`ds` with labels that index a model's `num_outputs` outputs: ImageNet wnid folders (a subset too) get their 1000-class index; other mismatches are errors."
-    if num_outputs == 1000 and ds.classes and all(WNID.fullmatch(c) for c in ds.classes):
+    "`ds` with labels that index a model's `num_outputs` outputs: wnid folders get their ImageNet-1k index, numbered folders their number; other mismatches are errors."
+    if ds.classes and all(c.isdigit() for c in ds.classes):         # '0', '1', ..., '10': the number, not the text order
+        index = {c: int(c) for c in ds.classes}
+        if max(index.values()) >= num_outputs: raise ValueError(f"{ds.root}: class folder {max(index.values())} but the model has {num_outputs} outputs")
+        _relabel(ds, index)
+    elif num_outputs == 1000 and ds.classes and all(WNID.fullmatch(c) for c in ds.classes):
         from timm.data import ImageNetInfo
         index = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
         unknown = [c for c in ds.classes if c not in index]
         if unknown: raise ValueError(f"{ds.root}: class folders {unknown[:3]} are not ImageNet-1k wnids")
-        new = [index[c] for c in ds.classes]
-        ds.class_to_idx = {c: index[c] for c in ds.classes}
-        ds.samples = ds.imgs = [(path, new[t]) for path, t in ds.samples]
-        ds.targets = [t for _, t in ds.samples]
+        _relabel(ds, index)
     elif len(ds.classes) != num_outputs:
         raise ValueError(f"{ds.root}: {len(ds.classes)} class folders but the model has {num_outputs} outputs, so the folders' sorted "
                          "order cannot be the model's classes; evaluate on one folder per model class (ImageNet models: folders named by wnid)")

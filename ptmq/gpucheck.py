@@ -36,10 +36,10 @@ def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
     qm = ptmq(model, calib, cfg, progress=progress)
     c = qm.calibration
-    per_iter = [l / iters for l in c.loop_seconds] if iters else [0.0] * len(c.loop_seconds)
+    per_iter = [l / cfg.iters for l in c.loop_seconds] if cfg.iters else [0.0] * len(c.loop_seconds)
     full = sum(u - l for u, l in zip(c.unit_seconds, c.loop_seconds)) + sum(p * paper_iters for p in per_iter)
     return {'model': name, 'method': method, 'units': len(qm.units), 'images': images, 'input_size': input_size, 'batch_size': batch_size,
-            'bits': list(cfg.a_bits), 'amp': amp, 'iters_measured': iters, 'paper_iters': paper_iters, 'device': c.device,
+            'bits': list(cfg.a_bits), 'amp': cfg.amp, 'iters_measured': cfg.iters, 'paper_iters': paper_iters, 'device': c.device,
             'device_name': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu',
             'cache_device': c.cache_device, 'measured_seconds': round(c.seconds, 2),
             'seconds_per_iter': [round(p, 5) for p in per_iter], 'unit_overhead_seconds': [round(u - l, 3) for u, l in zip(c.unit_seconds, c.loop_seconds)],
@@ -55,6 +55,7 @@ def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         q = [r for r in rows if r['model'] == m and r['method'] == 'qdrop' and not r['amp']]
         if not p or sorted(b for r in q for b in r['bits']) != sorted(p[0]['bits']): continue
         qs, qf = sum(r['measured_seconds'] for r in q), sum(r['extrapolated_seconds'] for r in q)
+        if qs <= 0 or qf <= 0: continue
         out.append({'model': m, 'bits': p[0]['bits'], 'ptmq_seconds': p[0]['measured_seconds'], 'qdrop_seconds': round(qs, 2),
                     'ratio': round(p[0]['measured_seconds'] / qs, 3), 'ptmq_paper_minutes': round(p[0]['extrapolated_seconds'] / 60, 1),
                     'qdrop_paper_minutes': round(qf / 60, 1), 'paper_ratio': round(p[0]['extrapolated_seconds'] / qf, 3)})
@@ -70,28 +71,32 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
     if device == 'auto' and dev.type != 'cuda':
         raise RuntimeError("no CUDA device here: the GPU check needs one (pass device='cpu' / --device cpu for a slow dry run)")
     for m in models: model_spec(m)          # an unknown name fails before any work
+    if qdrop and False not in amp: log.info("gpu check: no float32 PTMQ run (amp on only), so no QDrop runs to compare with")
+    qdrop = qdrop and False in amp
     plan = [(m, 'ptmq', a, None) for m in models for a in amp] + [(m, 'qdrop', False, b) for m in models if qdrop for b in GROUPS.all_bits]
     plan.sort(key=lambda t: models.index(t[0]))
     log.info("gpu check: %d calibrations (%s), %d images %dx%d, %d iterations per unit, batch %d, on %s", len(plan), ', '.join(models),
              images, input_size, input_size, iters, batch_size, dev)
     if warmup:      # one-time costs (CUDA context, lazily loaded kernels, library handles) kept out of the first timed run
         for m, method, a, b in dict.fromkeys((m, method, a, b if b is None else GROUPS.all_bits[0]) for m, method, a, b in plan):
-            time_model(m, 2 * batch_size, 2, paper_iters, batch_size, input_size, device=device, amp=a, method=method, single_bits=b)
+            time_model(m, min(images, 256), 2, paper_iters, batch_size, input_size, device=device, amp=a, method=method, single_bits=b)
+    out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     rows, t0 = [], time.perf_counter()
     for i, (m, method, a, b) in enumerate(plan):
         rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress, amp=a,
                                method=method, single_bits=b))
+        with open(tmp / 'rows.jsonl', 'a') as f: f.write(json.dumps(rows[-1]) + '\n')     # what a run stopped midway leaves
         spent = time.perf_counter() - t0
         log.info("[%d/%d] %s %s%s: %.1fs; about %.1f min for a full calibration at %d it/unit; peak %s GiB; about %.0fs of the check left",
                  i + 1, len(plan), m, METHODS[method].label, f' A{b}' if b else ' (bf16 autocast)' if a else '', rows[-1]['measured_seconds'],
                  rows[-1]['extrapolated_minutes'], paper_iters, rows[-1]['peak_gpu_gib'], spent / (i + 1) * (len(plan) - i - 1))
-    out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     import ptmq as _p
     rec = {'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'results': rows, 'qdrop_ratios': qdrop_ratios(rows)}
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
     (tmp / 'README.md').write_text(gpu_check_markdown(rec))
+    (tmp / 'rows.jsonl').unlink()
     old = out.with_name(f'.{out.name}.old-{os.getpid()}')
     if out.exists(): os.replace(out, old)
     os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)

@@ -39,7 +39,7 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     full = sum(r['unit_overhead_seconds']) + sum(s * 100 for s in r['seconds_per_iter'])
     assert r['extrapolated_minutes'] == pytest.approx(full / 60, abs=0.06) and r['peak_gpu_gib'] is None
     out = gpu_check(['cifar_resnet20'], tmp_path / 'gc', images=16, iters=1, paper_iters=10, batch_size=8, input_size=32, device='cpu',
-                    progress=False, amp=(False,))
+                    progress=False, amp=(False,), warmup=False)
     rec = json.loads((out / 'results.json').read_text())
     assert [(r['method'], r['bits']) for r in rec['results']] == [('ptmq', [4, 6, 8]), ('qdrop', [4]), ('qdrop', [6]), ('qdrop', [8])]
     (c,) = rec['qdrop_ratios']

@@ -52,6 +52,9 @@ def test_labels_match_the_model_outputs(tmp_path):
     with pytest.raises(ValueError, match='3 class folders but the model has 10 outputs'): match_labels(image_folder(root), 10)
     (root / 'n15075141').rename(root / 'n00000001')
     with pytest.raises(ValueError, match='not ImageNet-1k wnids'): match_labels(image_folder(root), 1000)
+    for i, c in enumerate(sorted(p.name for p in root.iterdir())): (root / c).rename(root / str((2, 10, 11)[i]))
+    assert match_labels(image_folder(root), 12).targets == [10, 10, 11, 11, 2, 2]     # folders '10', '11', '2': their numbers, not 0, 1, 2
+    with pytest.raises(ValueError, match='class folder 11 but the model has 10 outputs'): match_labels(image_folder(root), 10)
 
 def test_imagenet_preprocessing_comes_from_timm_data_config():
     tf = model_transform('resnet18')
