@@ -57,6 +57,12 @@ class Run:
     seed: int
     single_bits: int | None = None
 
+    def __post_init__(self):
+        if self.method not in METHODS: raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        single = METHODS[self.method].kind == 'single'
+        if single != (self.single_bits is not None) or (single and self.single_bits not in self.groups.all_bits):
+            raise ValueError(f"{self.method} needs single_bits {'in ' + str(self.groups.all_bits) if single else 'None'}, got {self.single_bits}")
+
     @property
     def a_bits(self) -> tuple[int, ...]: return (self.single_bits,) if self.single_bits is not None else self.groups.all_bits
 

@@ -11,7 +11,7 @@ import torch
 from .models import create_model, model_spec
 from .mfm import BitGroups
 from .recon import PTMQConfig, ptmq
-from .bench import METHODS, Run
+from .bench import METHODS, Run, cost_ratios
 
 log = logging.getLogger('ptmq')
 GROUPS = BitGroups((4,), (6,), (8,))      # the paper's W4 groups: low 4, mid 6, high 8
@@ -24,11 +24,8 @@ def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int
                input_size: int = 224, groups: BitGroups | None = None, device: str = 'auto', seed: int = 0,
                progress: bool = False, amp: bool = False, method: str = 'ptmq', single_bits: int | None = None) -> dict[str, Any]:
     "Calibrate `name` (random weights, random images) for `iters` iterations per unit with a benchmark `method`; seconds per iteration per unit, peak memory, extrapolation."
-    if method not in METHODS: raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     base = PTMQConfig(w_bits=4, groups=groups or GROUPS, iters=iters, batch_size=batch_size, device=device, seed=seed, amp=amp)
-    if (METHODS[method].kind == 'single') != (single_bits is not None) or (single_bits is not None and single_bits not in base.a_bits):
-        raise ValueError(f"{method} needs single_bits {'in ' + str(base.a_bits) if METHODS[method].kind == 'single' else 'None'}, got {single_bits}")
-    cfg = Run(method, 4, base.groups, seed, single_bits).config(base)      # the benchmark's switches for `method`
+    cfg = Run(method, 4, base.groups, seed, single_bits).config(base)      # the benchmark's switches for `method` (checked there)
     dev = cfg.resolved_device()
     g = torch.Generator().manual_seed(seed)
     model = create_model(name, pretrained=False)
@@ -48,17 +45,18 @@ def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int
 
 # %% ../nbs/13_gpu_check.ipynb #5e7b4167
 def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    "Per model: one float32 PTMQ calibration against the per-bit-width QDrop calibrations it replaces, measured and at paper iterations."
+    "Per model: one float32 PTMQ calibration against the per-bit-width QDrop calibrations it replaces (the benchmark's `cost_ratios`), measured and at paper iterations."
     out = []
     for m in dict.fromkeys(r['model'] for r in rows):
-        p = [r for r in rows if r['model'] == m and r['method'] == 'ptmq' and not r['amp']]
-        q = [r for r in rows if r['model'] == m and r['method'] == 'qdrop' and not r['amp']]
-        if not p or sorted(b for r in q for b in r['bits']) != sorted(p[0]['bits']): continue
-        qs, qf = sum(r['measured_seconds'] for r in q), sum(r['extrapolated_seconds'] for r in q)
-        if qs <= 0 or qf <= 0: continue
-        out.append({'model': m, 'bits': p[0]['bits'], 'ptmq_seconds': p[0]['measured_seconds'], 'qdrop_seconds': round(qs, 2),
-                    'ratio': round(p[0]['measured_seconds'] / qs, 3), 'ptmq_paper_minutes': round(p[0]['extrapolated_seconds'] / 60, 1),
-                    'qdrop_paper_minutes': round(qf / 60, 1), 'paper_ratio': round(p[0]['extrapolated_seconds'] / qf, 3)})
+        rs = [r for r in rows if r['model'] == m and r['method'] in ('ptmq', 'qdrop') and not r['amp']]
+        def ratio(seconds: str) -> dict | None:      # the rows as benchmark records, timed by `seconds`
+            return cost_ratios([{'method': r['method'], 'w_bits': 4, 'single_bits': r['bits'][0] if r['method'] == 'qdrop' else None,
+                                 'seconds': r[seconds], 'top1': dict.fromkeys(r['bits'])} for r in rs]).get(4)
+        now, paper = ratio('measured_seconds'), ratio('extrapolated_seconds')
+        if now and paper:
+            out.append({'model': m, 'bits': now['bits'], 'ptmq_seconds': now['ptmq_seconds'], 'qdrop_seconds': now['qdrop_seconds_sum'],
+                        'ratio': now['ratio'], 'ptmq_paper_minutes': round(paper['ptmq_seconds'] / 60, 1),
+                        'qdrop_paper_minutes': round(paper['qdrop_seconds_sum'] / 60, 1), 'paper_ratio': paper['ratio']})
     return out
 
 def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), out: str | Path = 'reports/gpu_check',
@@ -73,12 +71,12 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
     for m in models: model_spec(m)          # an unknown name fails before any work
     if qdrop and False not in amp: log.info("gpu check: no float32 PTMQ run (amp on only), so no QDrop runs to compare with")
     qdrop = qdrop and False in amp
-    plan = [(m, 'ptmq', a, None) for m in models for a in amp] + [(m, 'qdrop', False, b) for m in models if qdrop for b in GROUPS.all_bits]
-    plan.sort(key=lambda t: models.index(t[0]))
+    plan = []                                # per model: PTMQ (float32, autocast), then QDrop per bit-width
+    for m in models: plan += [(m, 'ptmq', a, None) for a in amp] + [(m, 'qdrop', False, b) for b in GROUPS.all_bits if qdrop]
     log.info("gpu check: %d calibrations (%s), %d images %dx%d, %d iterations per unit, batch %d, on %s", len(plan), ', '.join(models),
              images, input_size, input_size, iters, batch_size, dev)
     if warmup:      # one-time costs (CUDA context, lazily loaded kernels, library handles) kept out of the first timed run
-        for m, method, a, b in dict.fromkeys((m, method, a, b if b is None else GROUPS.all_bits[0]) for m, method, a, b in plan):
+        for m, method, a, b in {t[:3]: t for t in reversed(plan)}.values():      # the first run of each kind
             time_model(m, min(images, 256), 2, paper_iters, batch_size, input_size, device=device, amp=a, method=method, single_bits=b)
     out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)

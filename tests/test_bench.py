@@ -60,6 +60,8 @@ def test_run_config_is_the_method_switch_and_nothing_else():
     assert Run('brecq', 4, g, 0, 4).config(base).drop_prob == 0.0
     assert Run('rtn', 3, g, 0).config(base).iters == 0 and Run('rtn', 3, g, 0).config(base).w_bits == 3
     assert Run('ptmq', 4, g, 1).config(base).a_bits == (4, 6, 8)
+    with pytest.raises(ValueError, match=r'ptmq needs single_bits None, got 4'): Run('ptmq', 4, g, 0, 4)
+    with pytest.raises(ValueError, match=r'brecq needs single_bits in \(4, 6, 8\), got 5'): Run('brecq', 4, g, 0, 5)
     assert Run('ptmq_no_mfm', 4, g, 0).config(base).mfm == 'none'
     assert Run('ptmq_mfm_no_fp', 4, g, 0).config(base).mfm == 'mix_no_fp'
     assert Run('ptmq_gd_fp_only', 4, g, 0).config(base).gd_weights == (1.0, 0.0, 0.0)

@@ -16,11 +16,11 @@ def test_device_selection(monkeypatch):
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"): PTMQConfig(device='tpu')
     with pytest.raises(ValueError, match="cache must be auto, device or host"): PTMQConfig(cache='disk')
 
-def _tiny(cache, device='cpu'):
+def _tiny(cache, device='cpu', iters=4, **kw):
     torch.manual_seed(0)
     fp = create_model('cifar_resnet20', pretrained=False)
     calib = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cfg = PTMQConfig(iters=4, batch_size=8, observe_images=16, cache=cache, device=device)
+    cfg = PTMQConfig(iters=iters, batch_size=8, observe_images=16, cache=cache, device=device, **kw)
     return ptmq(fp, calib, cfg, progress=False), calib
 
 def test_host_cache_gives_the_same_calibration():
@@ -71,14 +71,10 @@ def test_gpu_loop_does_not_synchronise_per_iteration(cache):
     "The host syncs of a calibration (flagged by torch's sync debug mode) do not grow with the iterations: the loop never waits for the GPU."
     import warnings
     def syncs(iters):
-        torch.manual_seed(0)
-        fp = create_model('cifar_resnet20', pretrained=False)
-        calib = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-        cfg = PTMQConfig(iters=iters, batch_size=8, observe_images=16, cache=cache, device='cuda', log_every=10**6)  # loss read at 2 steps a unit
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter('always')
             torch.cuda.set_sync_debug_mode('warn')
-            try: ptmq(fp, calib, cfg, progress=False)
+            try: _tiny(cache, 'cuda', iters, log_every=10**6)       # the loss is read at 2 steps a unit
             finally: torch.cuda.set_sync_debug_mode('default')
         return sum('synchroniz' in str(w.message) for w in seen)
     syncs(2)                                   # one-time work (CUDA context, library handles) out of the count
