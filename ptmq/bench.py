@@ -125,6 +125,8 @@ class BenchmarkSpec:
             if extra: raise ValueError(f"benchmark.settings[{i}]: unknown key(s) {extra}; known: w_bits, groups, methods, a_bits")
             try: settings.append(BenchSetting(s.get('w_bits', base.w_bits), s.get('groups', base.groups), s.get('methods', tuple(METHODS)), s.get('a_bits')))
             except (ValueError, TypeError) as e: raise ValueError(f"benchmark.settings[{i}]: {e}") from None
+        if not any('ptmq' in s.methods for s in settings):
+            raise ValueError("no setting runs 'ptmq': the report is built around PTMQ's calibration (its loss curves, the cost ratio); add 'ptmq' to a setting's methods")
         seeds = tuple(d.get('seeds', (0, 1, 2)))
         if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
             raise ValueError(f"benchmark.seeds must be a non-empty list of distinct integers, got {d.get('seeds')!r}")

@@ -17,6 +17,7 @@ BASE = {'name': 'b', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/tr
     ({'seeds': [0, 0]}, r"benchmark.seeds must be a non-empty list of distinct integers"),
     ({'seeded': ['nope']}, r"benchmark.seeded: unknown method\(s\) \['nope'\]"),
     ({'colour': 1}, r"unknown benchmark key\(s\) \['colour'\]"),
+    ({'settings': [{'methods': ['rtn']}, {'w_bits': 3, 'methods': ['qdrop']}]}, r"no setting runs 'ptmq'"),
     ([1, 2], r"key 'benchmark' must be a mapping"),
 ])
 def test_benchmark_schema_errors(tmp_path, bench, pattern):
