@@ -6,13 +6,14 @@
 from __future__ import annotations
 import argparse, json, logging, os, shutil, signal, sys, time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from .experiment import ParamsError, load_params, params_from_dict, write_json
 
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_TOP1', 'template_path', 'run', 'is_done', 'run_all', 'index_rows', 'write_index', 'plot_summary', 'main']
+__all__ = ['log', 'PAPER_TOP1', 'template_path', 'run', 'is_done', 'run_all', 'load_records', 'index_rows', 'write_index',
+           'plot_summary', 'main']
 
 # %% ../nbs/09_cli.ipynb #a7636c4e
 def template_path(kind: str = 'experiment') -> Path:
@@ -93,7 +94,7 @@ def run_all(folder: str | os.PathLike = 'params', resume: bool = False, reports:
     return status
 
 # %% ../nbs/09_cli.ipynb #948fae31
-PAPER_TOP1 = {  # PTMQ paper, ImageNet top-1 (%), by model and (w_bits, a_bits), from the seed README
+PAPER_TOP1 = {  # PTMQ paper, ImageNet top-1 (%), by model and (w_bits, a_bits), from the paper's tables
     'resnet18': {(3, 3): 64.92, (4, 4): 67.57, (6, 6): 70.23, (8, 8): 70.79, 'fp32': 71.00},
     'resnet50': {(3, 3): 69.67, (4, 4): 73.93, (6, 6): 76.11, (8, 8): 76.52, 'fp32': 76.80},
     'regnetx_006': {(3, 3): 59.29, (4, 4): 68.84, (6, 6): 72.85, (8, 8): 73.32, 'fp32': 73.50},
@@ -104,24 +105,39 @@ PAPER_TOP1 = {  # PTMQ paper, ImageNet top-1 (%), by model and (w_bits, a_bits),
     'deit_base_patch16_224': {(4, 6): 80.00, (5, 6): 80.62, (6, 6): 80.81, (7, 7): 81.35, (8, 8): 81.54},
 }
 
+def load_records(reports: str | os.PathLike = 'reports') -> tuple[list[dict[str, Any]], list[tuple[Path, dict[str, Any]]]]:
+    "Every `reports/*/results.json`, split into experiment records (they have `fp32_top1`) and GPU checks (`kind: gpu_check`)."
+    exps, gpu = [], []
+    for f in sorted(Path(reports).glob('*/results.json')):
+        r = json.loads(f.read_text())
+        if r.get('kind') == 'gpu_check': gpu.append((f.parent, r))
+        elif 'fp32_top1' in r and 'calibration' in r: exps.append(r)
+        else: log.warning("%s: neither an experiment nor a GPU check record; left out of the index", f)
+    return exps, gpu
+
+def _ptmq_runs(r: dict[str, Any], w: int) -> list[dict[str, Any]]:
+    "A benchmark's PTMQ calibrations at weight bits `w` (an experiment has none listed: its one calibration is `r['calibration']`)."
+    return [x for x in r.get('benchmark', {}).get('runs', []) if x['method'] == 'ptmq' and x['w_bits'] == w]
+
 def index_rows(reports: str | os.PathLike = 'reports') -> list[dict[str, Any]]:
-    "One row per (experiment, bit-width) from every `reports/*/results.json`."
+    "One row per (experiment, bit-width) from every experiment record under `reports`; a benchmark's rows are means over its PTMQ seeds."
     rows = []
-    for res in sorted(Path(reports).glob('*/results.json')):
-        r = json.loads(res.read_text())
+    for r in load_records(reports)[0]:
         by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results']}
         for (m, w, a), top1 in sorted(by.items()):
             if m != 'ptmq': continue
+            runs = _ptmq_runs(r, w)
+            secs = sum(x['seconds'] for x in runs) / len(runs) if runs else r['calibration']['seconds']
             rows.append({'experiment': f"[{r['name']}]({r['name']}/report.html)", 'model': r['model'], 'dataset': r['dataset'],
-                         'bits': f'W{w}A{a}', 'paper': PAPER_TOP1.get(r['model'], {}).get((w, a)), 'ptmq': top1,
+                         'bits': f'W{w}A{a}', 'paper': PAPER_TOP1.get(r['model'], {}).get((w, a)), 'ptmq': top1, 'seeds': len(runs) or 1,
                          'rtn': by.get(('rtn', w, a)), 'fp32': r['fp32_top1'],
-                         'iters': r['calibration']['iters_per_block'], 'calib_min': r['calibration']['seconds'] / 60,
-                         'device': r['calibration']['device'], 'finished': r.get('finished', '')[:10]})
+                         'iters': r['calibration']['iters_per_block'], 'calib_min': secs / 60,
+                         'device': r['calibration']['device'], 'finished': r.get('finished', '')[:10], 'commit': (r.get('git_commit') or '-')[:7]})
     return rows
 
-def _benchmark_lines(reports: Path) -> list[str]:
+def _benchmark_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
     "The benchmarks' summary: PTMQ minus per-bit-width QDrop at each bit-width, and the cost ratio."
-    recs = [r for r in (json.loads(f.read_text()) for f in sorted(Path(reports).glob('*/results.json'))) if 'benchmark' in r]
+    recs = [r for r in recs if 'benchmark' in r]
     if not recs: return []
     out = ['', '## Benchmarks: one PTMQ calibration against per-bit-width QDrop', '',
            'Top-1 of PTMQ minus QDrop (means over seeds, points) at each bit-width both ran; cost: seconds of one PTMQ calibration '
@@ -136,35 +152,55 @@ def _benchmark_lines(reports: Path) -> list[str]:
                    f"{ratios} | [benchmark.png]({r['name']}/benchmark.png) |")
     return out
 
+def _gpu_lines(checks: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    "The GPU checks: extrapolated full PTMQ calibration time at the paper's iterations, peak memory, and the GPU cost ratio."
+    if not checks: return []
+    out = ['', "## GPU checks: a full calibration at the paper's settings, extrapolated", '',
+           'Random weights and images; a few iterations per unit timed, then extrapolated (`ptmq gpu-check`).', '',
+           '| check | model | GPU | bf16 autocast | full PTMQ calibration (min) | peak GiB | PTMQ / QDrop cost at paper iters | date |',
+           '|---|---|---|---|---|---|---|---|']
+    for d, r in checks:
+        ratio = {c['model']: c['paper_ratio'] for c in r.get('qdrop_ratios', [])}
+        for x in r['results']:
+            if x['method'] != 'ptmq': continue
+            rr = ratio.get(x['model']) if not x['amp'] else None
+            out.append(f"| [{d.name}]({d.name}/README.md) | {x['model']} | {x['device_name']} | {'yes' if x['amp'] else 'no'} | "
+                       f"**{x['extrapolated_minutes']}** ({x['paper_iters']} it/unit) | {'-' if x['peak_gpu_gib'] is None else x['peak_gpu_gib']} | {'-' if rr is None else f'{rr:.2f}'} | "
+                       f"{r['finished'][:10]} |")
+    return out
+
 def write_index(reports: str | os.PathLike = 'reports') -> Path:
-    "Regenerate `reports/README.md` from the results of every report."
+    "Regenerate `reports/README.md` (and `summary.png`) from the records of every report."
     reports = Path(reports)
+    exps, gpu = load_records(reports)
     rows = index_rows(reports)
     fmt = lambda v, d=2: '-' if v is None else (f'{v:.{d}f}' if isinstance(v, float) else str(v))
-    lines = ['# Reports', '', 'Generated by `ptmq run` / `ptmq run-all` from every `*/results.json`; do not edit by hand.',
-             'Top-1 in %. `paper`: the PTMQ paper (ImageNet) where the seed reports the same model and bit-widths; '
-             '`rtn`: round-to-nearest at the same bit-widths; one PTMQ calibration serves all rows of an experiment.', '',
-             '| experiment | model | data | bits | paper | PTMQ | RTN | FP32 | iters/unit | calibration (min) | device | date |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['# Reports', '', 'Generated by `ptmq run` / `ptmq run-all` / `ptmq index` from every `*/results.json`; do not edit by hand.',
+             "Top-1 in %. `paper`: the PTMQ paper's ImageNet tables, where they report the same model and bit-widths (its FP32 models "
+             "may differ from the weights used here); `rtn`: round-to-nearest at the same bit-widths. One PTMQ calibration serves all "
+             "rows of an experiment with the same weight bit-width; `seeds`: a benchmark's PTMQ top-1 and calibration time are means "
+             "over that many seeded calibrations. `commit`: the code that produced the report.", '',
+             '| experiment | model | data | bits | paper | PTMQ | seeds | RTN | FP32 | iters/unit | calibration (min) | device | date | commit |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        lines.append(f"| {r['experiment']} | {r['model']} | {r['dataset']} | {r['bits']} | {fmt(r['paper'])} | **{fmt(r['ptmq'])}** | "
-                     f"{fmt(r['rtn'])} | {fmt(r['fp32'])} | {r['iters']} | {fmt(r['calib_min'], 1)} | {r['device']} | {r['finished']} |")
-    if not rows: lines.append('| (no reports yet) | | | | | | | | | | | |')
-    lines += _benchmark_lines(reports)
+        lines.append(f"| {r['experiment']} | {r['model']} | {r['dataset']} | {r['bits']} | {fmt(r['paper'])} | **{fmt(r['ptmq'])}** | {r['seeds']} | "
+                     f"{fmt(r['rtn'])} | {fmt(r['fp32'])} | {r['iters']} | {fmt(r['calib_min'], 1)} | {r['device']} | {r['finished']} | {r['commit']} |")
+    if not rows: lines.append('| (no reports yet) | | | | | | | | | | | | | |')
+    lines += _benchmark_lines(exps) + _gpu_lines(gpu)
     failed = sorted(reports.glob('*.FAILED.ipynb'))
     if failed: lines += ['', 'Failed runs (partial notebooks): ' + ', '.join(f'[{f.name}]({f.name})' for f in failed)]
-    if rows: plot_summary(reports)
+    if exps: plot_summary(exps, reports / 'summary.png')
     out = reports / 'README.md'
     tmp = out.with_suffix('.md.tmp'); tmp.write_text('\n'.join(lines) + '\n'); os.replace(tmp, out)
     return out
 
-def plot_summary(reports: str | os.PathLike = 'reports') -> Path:
-    "Draw `reports/summary.png`: top-1 of PTMQ and round-to-nearest per bit-width, one panel per experiment, FP32 dashed."
-    import matplotlib
+def plot_summary(recs: Sequence[dict[str, Any]], path: str | os.PathLike | None = None):
+    "Top-1 of PTMQ and round-to-nearest per bit-width, one panel per experiment record (four to a row), FP32 dashed; saved to `path`."
     import matplotlib.pyplot as plt, seaborn as sns, pandas as pd
-    recs = [json.loads(f.read_text()) for f in sorted(Path(reports).glob('*/results.json'))]
-    fig, axes = plt.subplots(1, len(recs), figsize=(4.2 * len(recs), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], recs):
+    cols = min(4, len(recs)); nrows = -(-len(recs) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(recs):]: ax.axis('off')
+    for ax, r in zip(axes.flat, recs):
         df = pd.DataFrame([x for x in r['results'] if x['method'] in ('ptmq', 'rtn')])
         df['bits'] = [f"W{w}A{a}" for w, a in zip(df.w_bits, df.a_bits)]
         df['method'] = df.method.map({'ptmq': 'PTMQ (one calibration)', 'rtn': 'round-to-nearest'})
@@ -173,12 +209,13 @@ def plot_summary(reports: str | os.PathLike = 'reports') -> Path:
         ax.axhline(r['fp32_top1'], ls='--', c='k', lw=1, label=f"FP32 {r['fp32_top1']:.2f}")
         lo = min(df.top1.min(), r['fp32_top1'])
         ax.set_ylim(max(0, lo - 5), min(100, max(df.top1.max(), r['fp32_top1']) + 2))
-        ax.set_title(f"{r['model']} ({r['dataset']})", fontsize=10); ax.set_xlabel(''); ax.set_ylabel('top-1 (%)')
+        ax.set_title(f"{r['name']}\n{r['model']} ({r['dataset']}), {r['calibration']['iters_per_block']} it/unit", fontsize=9)
+        ax.set_xlabel(''); ax.set_ylabel('top-1 (%)'); ax.tick_params(axis='x', labelsize=8)
         ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
-    out = Path(reports) / 'summary.png'
-    fig.savefig(out, dpi=100); plt.close(fig)
-    return out
+    if path is not None: fig.savefig(path, dpi=100); plt.close(fig)
+    return fig
+
 
 # %% ../nbs/09_cli.ipynb #30f44558
 def main(argv: list[str] | None = None) -> int:

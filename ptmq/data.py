@@ -11,22 +11,31 @@ from torch import nn, Tensor
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 from tqdm.auto import tqdm
-from .models import model_spec
+from .models import model_spec, TORCHVISION_MODELS, torchvision_weights, is_weights_tag
 
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'WNID', 'model_transform', 'image_folder', 'seeded_subset', 'calibration_images', 'make_toy_folder',
-           'match_labels', 'evaluate', 'preload']
+__all__ = ['log', 'WNID', 'torchvision_data_config', 'model_transform', 'image_folder', 'seeded_subset', 'calibration_images',
+           'make_toy_folder', 'match_labels', 'evaluate', 'preload']
 
 # %% ../nbs/03_data.ipynb #219d67f8
-def model_transform(name: str, model: nn.Module | None = None) -> transforms.Compose:
-    "The evaluation (and calibration) preprocessing of the registered model `name`."
+def torchvision_data_config(name: str, weights: str | None = None) -> dict:
+    "timm's data config for the evaluation preprocessing torchvision publishes with weight set `weights` of `name` (None: the default set)."
+    t = torchvision_weights(name, weights if is_weights_tag(weights) else None).transforms()
+    crop, resize = t.crop_size[0], t.resize_size[0]
+    return dict(input_size=(3, crop, crop), interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std),
+                crop_pct=crop / resize, crop_mode='center')
+
+def model_transform(name: str, model: nn.Module | None = None, weights: str | os.PathLike | None = None) -> transforms.Compose:
+    "The evaluation (and calibration) preprocessing of the registered model `name` (a torchvision model's follows its weight set `weights`)."
     spec = model_spec(name)
     if spec.data_config is not None and not spec.data_config.get('resize', True):
         return transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.data_config['mean'], spec.data_config['std'])])
     import timm.data
-    cfg = timm.data.resolve_data_config({}, model=model) if model is not None else timm.data.resolve_data_config({'input_size': (3, 224, 224)})
+    if name in TORCHVISION_MODELS: cfg = torchvision_data_config(name, weights)
+    elif model is not None: cfg = timm.data.resolve_data_config({}, model=model)
+    else: cfg = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
     return timm.data.create_transform(**cfg, is_training=False)
 
 # %% ../nbs/03_data.ipynb #9738932e
@@ -91,9 +100,10 @@ def match_labels(ds: datasets.ImageFolder, num_outputs: int) -> datasets.ImageFo
 
 # %% ../nbs/03_data.ipynb #92e3421c
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 500, device: str | torch.device = 'cpu',
+def evaluate(model: nn.Module, data, batch_size: int = 500, device: str | torch.device | None = None,
              workers: int = 0, progress: bool = False, desc: str = 'eval') -> float:
-    "Top-1 accuracy (%) of `model` on `data` (a data set of (image, label) or a DataLoader)."
+    "Top-1 accuracy (%) of `model` on `data` (a data set of (image, label) or a DataLoader), on `device` (default: where the model's parameters are)."
+    if device is None: device = next(iter(model.parameters()), torch.empty(0)).device
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, num_workers=workers)
     model.eval()
     correct = total = 0

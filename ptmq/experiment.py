@@ -61,14 +61,19 @@ class ExperimentParams:
         p = Path(expand(p))
         return p if p.is_absolute() else Path(expand(self.data_root)) / p
 
+    def weights_source(self) -> str | Path | None:
+        "The weights: a torchvision weight-set name as given (`IMAGENET1K_V1`), else the file's path, else None (the published default)."
+        from ptmq.models import is_weights_tag
+        return self.weights if is_weights_tag(self.weights) else self.path(self.weights)
+
     def check_paths(self, source: str = '<params>') -> None:
         "Stop with a clear error if a data folder or the weights file does not exist."
         for key in ('calib_data', 'eval_data'):
             p = self.path(getattr(self, key))
             if p is None: raise ParamsError(f"{source}: key {key!r} is missing; set it to an ImageFolder directory")
             if not p.is_dir(): raise ParamsError(f"{source}: key {key!r}: data folder not found: {p}; fix the path or set data_root (now {expand(self.data_root)!r})")
-        w = self.path(self.weights)
-        if w is not None and not w.is_file():
+        w = self.weights_source()
+        if isinstance(w, Path) and not w.is_file():
             raise ParamsError(f"{source}: key 'weights': weights file not found: {w}; fix the path or set data_root (now {expand(self.data_root)!r})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +108,13 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         if k not in known: raise ParamsError(f"{source}: unknown key {k!r}; known keys: {', '.join(sorted(known))}")
     for k in ('name', 'model'):
         if not raw.get(k): raise ParamsError(f"{source}: key {k!r} is required")
-    from ptmq.models import MODELS
+    from ptmq.models import MODELS, TORCHVISION_MODELS, is_weights_tag, torchvision_weights, WeightsError
     if raw['model'] not in MODELS: raise ParamsError(f"{source}: key 'model': unknown model {raw['model']!r}; choose one of {', '.join(MODELS)}")
+    if is_weights_tag(raw.get('weights')):
+        if raw['model'] not in TORCHVISION_MODELS:
+            raise ParamsError(f"{source}: key 'weights': {raw['weights']!r} names a torchvision weight set, but {raw['model']} is not a torchvision model; give a file path")
+        try: torchvision_weights(raw['model'], raw['weights'])
+        except WeightsError as e: raise ParamsError(f"{source}: key 'weights': {e}") from None
     cfg = raw.get('ptmq') or {}
     if not isinstance(cfg, dict): raise ParamsError(f"{source}: key 'ptmq' must be a mapping of PTMQ settings")
     try: ptmq_cfg = PTMQConfig.from_dict(cfg)
@@ -147,9 +157,9 @@ def prepare(p: ExperimentParams) -> Prepared:
     from ptmq.models import create_model
     from ptmq.data import model_transform, calibration_images, image_folder, seeded_subset, preload, match_labels
     t = time.perf_counter()
-    w = p.path(p.weights)
+    w = p.weights_source()
     model = create_model(p.model, weights=w, pretrained=p.pretrained)
-    tf = model_transform(p.model, model)
+    tf = model_transform(p.model, model, w)
     ev = image_folder(p.path(p.eval_data), tf)
     with torch.no_grad(): ev = match_labels(ev, model.eval()(ev[0][0][None]).shape[-1])   # labels checked before the slow work
     calib = calibration_images(p.path(p.calib_data), tf, p.calib_images, p.calib_seed, p.workers)

@@ -90,7 +90,7 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
                  i + 1, len(plan), m, METHODS[method].label, f' A{b}' if b else ' (bf16 autocast)' if a else '', rows[-1]['measured_seconds'],
                  rows[-1]['extrapolated_minutes'], paper_iters, rows[-1]['peak_gpu_gib'], spent / (i + 1) * (len(plan) - i - 1))
     import ptmq as _p
-    rec = {'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+    rec = {'kind': 'gpu_check', 'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
            'results': rows, 'qdrop_ratios': qdrop_ratios(rows)}
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
     (tmp / 'README.md').write_text(gpu_check_markdown(rec))

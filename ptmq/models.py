@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_models.ipynb #a66dc726
 from __future__ import annotations
-import os
+import os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,8 +15,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['AKAMASTER_URL', 'AKAMASTER_FILES', 'TORCHVISION_MODELS', 'TIMM_MODELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'MODELS',
            'OptionAShortcut', 'CifarBasicBlock', 'CifarResNet', 'WeightsError', 'read_checkpoint', 'read_state_dict',
-           'load_weights', 'cifar_resnet', 'torchvision_model', 'timm_weights_source', 'timm_model', 'ModelSpec',
-           'timm_vit_checkpoint', 'model_spec', 'create_model']
+           'load_weights', 'cifar_resnet', 'is_weights_tag', 'torchvision_weights', 'torchvision_model',
+           'timm_weights_source', 'timm_model', 'ModelSpec', 'timm_vit_checkpoint', 'model_spec', 'create_model']
 
 # %% ../nbs/02_models.ipynb #da13d4d1
 class OptionAShortcut(nn.Module):
@@ -117,12 +117,24 @@ def cifar_resnet(depth: int = 20, weights: str | os.PathLike | None = None, pret
 TORCHVISION_MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'mobilenet_v2')
 TIMM_MODELS = ('regnetx_006', 'vit_small_patch16_224', 'vit_base_patch16_224', 'deit_small_patch16_224', 'deit_base_patch16_224')
 
-def torchvision_model(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
-    "A torchvision ImageNet model with the weights in a local file, else its default pretrained weights (random if not `pretrained`)."
+def is_weights_tag(weights) -> bool:
+    "Whether `weights` names one of torchvision's published weight sets (`IMAGENET1K_V1`, `DEFAULT`) rather than a file."
+    return isinstance(weights, str) and re.fullmatch(r'[A-Z][A-Z0-9_]*', weights) is not None
+
+def torchvision_weights(name: str, tag: str | None = None):
+    "torchvision's weights entry `tag` of model `name` (None: its default), or an error listing the published ones."
     import torchvision
-    if weights is not None: return load_weights(torchvision.models.get_model(name), weights).eval()
+    sets = torchvision.models.get_model_weights(name)
+    if tag is None: return sets.DEFAULT
+    if tag not in sets.__members__: raise WeightsError(f"torchvision has no weights {tag!r} for {name}; published: {', '.join(sets.__members__)}")
+    return sets[tag]
+
+def torchvision_model(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True) -> nn.Module:
+    "A torchvision ImageNet model with the weights in a local file, else the published weight set named by `weights` (None: the default; random if not `pretrained`)."
+    import torchvision
+    if weights is not None and not is_weights_tag(weights): return load_weights(torchvision.models.get_model(name), weights).eval()
     if not pretrained: return torchvision.models.get_model(name).eval()
-    w = torchvision.models.get_model_weights(name).DEFAULT
+    w = torchvision_weights(name, weights)
     fname = Path(w.url).name
     try: return torchvision.models.get_model(name, weights=w).eval()
     except Exception as e:

@@ -1,10 +1,12 @@
 """Device selection, the host-memory cache path (identical results), the GPU check on a tiny CPU run, and (with CUDA) the GPU path."""
-import json, math
+import json, math, shutil
 import pytest, torch
 from ptmq.recon import PTMQConfig, ptmq
 from ptmq.mfm import BitGroups
 from ptmq.models import create_model
 from ptmq.blocks import set_bits
+from ptmq.cli import write_index
+from conftest import REPO
 
 def test_device_selection(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
@@ -48,6 +50,14 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     assert c['paper_ratio'] == pytest.approx(rec['results'][0]['extrapolated_seconds'] / sum(r['extrapolated_seconds'] for r in rec['results'][1:]), abs=2e-3)
     md = (out / 'README.md').read_text()
     assert '| cifar_resnet20 | PTMQ | cpu | 11 |' in md and '| cifar_resnet20 | QDrop | cpu | 11 |' in md and f"**{c['ratio']:.2f}**" in md
+    # the index lists the GPU check in its own section beside the experiments, and leaves out a record it does not know
+    shutil.copytree(REPO / 'reports' / 'default_digits_resnet8_w3', tmp_path / 'default_digits_resnet8_w3', ignore=shutil.ignore_patterns('*.html', '*.ipynb'))
+    (tmp_path / 'odd').mkdir(); (tmp_path / 'odd' / 'results.json').write_text('{"hello": 1}')
+    index = write_index(tmp_path).read_text()
+    p = rec['results'][0]
+    assert f"| [gc](gc/README.md) | cifar_resnet20 | cpu | no | **{p['extrapolated_minutes']}** (10 it/unit) | - | {c['paper_ratio']:.2f} |" in index
+    assert '| [default_digits_resnet8_w3](default_digits_resnet8_w3/report.html) | digits_resnet8 | digits | W3A3 |' in index
+    assert 'odd' not in index and (tmp_path / 'summary.png').is_file()
     with pytest.raises(ValueError, match='qdrop needs single_bits in'): time_model('cifar_resnet20', images=8, iters=1, input_size=32, device='cpu', method='qdrop')
     with pytest.raises(ValueError, match='unknown method'): time_model('cifar_resnet20', method='adaround', device='cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
@@ -64,6 +74,9 @@ def test_gpu_calibration_runs_and_agrees_with_cpu_roughly():
     with torch.no_grad():
         ya, yc = set_bits(a, 8)(x.cuda()).cpu(), set_bits(c, 8)(x)
     assert (ya.argmax(1) == yc.argmax(1)).float().mean() > 0.8   # different random streams on the GPU: close, not equal
+    from ptmq.data import evaluate
+    data = torch.utils.data.TensorDataset(x, ya.argmax(1))
+    assert evaluate(set_bits(a, 8), data) == 100.0           # evaluated where the model is (the GPU), by default
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 @pytest.mark.parametrize('cache', ['device', 'host'])

@@ -27,6 +27,8 @@ BASE = {'name': 't', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/tr
     ({'calib_data': 'no/such/folder'}, r"key 'calib_data': data folder not found: .*no/such/folder; fix the path or set data_root"),
     ({'weights': 'missing.pth'}, r"key 'weights': weights file not found: .*missing.pth"),
     ({'calib_images': 0}, r"key 'calib_images' must be a positive integer"),
+    ({'weights': 'IMAGENET1K_V1'}, r"key 'weights': 'IMAGENET1K_V1' names a torchvision weight set, but digits_resnet8 is not a torchvision model"),
+    ({'model': 'resnet50', 'weights': 'IMAGENET1K_V9'}, r"key 'weights': torchvision has no weights 'IMAGENET1K_V9' for resnet50; published: IMAGENET1K_V1"),
 ])
 def test_schema_errors_name_file_key_and_fix(write, change, pattern, monkeypatch, tmp_path):
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
@@ -36,6 +38,8 @@ def test_schema_errors_name_file_key_and_fix(write, change, pattern, monkeypatch
 
 def test_overrides_env_defaults_and_missing_file(write, monkeypatch, tmp_path):
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    v1 = load_params(write({**BASE, 'model': 'resnet50', 'weights': 'IMAGENET1K_V1'}))       # a weight set's name is no file to check
+    assert v1.weights_source() == 'IMAGENET1K_V1' and load_params(write({**BASE, 'weights': 'w/x.pth'}), check_paths=False).weights_source() == Path('w/x.pth')
     p = load_params(write(BASE), ['ptmq.iters=7', 'ptmq.groups={low: [2], mid: [3], high: [4]}', 'calib_images=64'])
     assert p.ptmq.iters == 7 and p.ptmq.a_bits == (2, 3, 4) and p.calib_images == 64
     assert parse_overrides(['a.b=[1, 2]']) == {'a.b': [1, 2]}

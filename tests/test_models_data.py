@@ -60,6 +60,25 @@ def test_imagenet_preprocessing_comes_from_timm_data_config():
     tf = model_transform('resnet18')
     names = [type(t).__name__ for t in tf.transforms]
     assert names[:2] == ['Resize', 'CenterCrop'] and tf.transforms[1].size == (224, 224)
+    deit = model_transform('deit_small_patch16_224')          # timm's own config of the model, also without the model at hand
+    assert deit.transforms[0].size == 248 and deit.transforms[0].interpolation.value == 'bicubic'
+
+@pytest.mark.parametrize('name,tag,resize', [('resnet18', None, 256), ('resnet50', None, 232), ('resnet50', 'IMAGENET1K_V1', 256),
+                                             ('mobilenet_v2', 'IMAGENET1K_V2', 232)])
+def test_torchvision_preprocessing_is_the_published_one_of_the_weight_set(name, tag, resize):
+    "Built by timm from a data config, equal to torchvision's evaluation transform of those weights on an odd-sized image."
+    from PIL import Image
+    from ptmq.models import torchvision_weights
+    img = Image.fromarray(torch.randint(0, 256, (300, 451, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy())
+    tf = model_transform(name, weights=tag)
+    assert tf.transforms[0].size == resize and tf.transforms[0].interpolation.value == 'bilinear'
+    assert torch.equal(tf(img), torchvision_weights(name, tag).transforms()(img))
+
+def test_torchvision_weight_set_by_name():
+    from ptmq.models import torchvision_model, is_weights_tag
+    assert is_weights_tag('IMAGENET1K_V1') and not is_weights_tag('weights/resnet50.pth') and not is_weights_tag(None)
+    with pytest.raises(WeightsError, match="torchvision has no weights 'IMAGENET1K_V9' for resnet50; published: IMAGENET1K_V1, IMAGENET1K_V2"):
+        torchvision_model('resnet50', 'IMAGENET1K_V9')
 
 def test_torchvision_offline_error_names_the_file_and_where_to_put_it(tmp_path, monkeypatch):
     import torchvision.models._api as api
