@@ -179,7 +179,9 @@ def write_index(reports: str | os.PathLike = 'reports') -> Path:
              "Top-1 in %. `paper`: the PTMQ paper's ImageNet tables, where they report the same model and bit-widths (its FP32 models "
              "may differ from the weights used here); `rtn`: round-to-nearest at the same bit-widths. One PTMQ calibration serves all "
              "rows of an experiment with the same weight bit-width; `seeds`: a benchmark's PTMQ top-1 and calibration time are means "
-             "over that many seeded calibrations. `commit`: the code that produced the report.", '',
+             "over that many seeded calibrations. `commit`: the code that produced the report. Wall times are comparable within one "
+             "report (its calibrations ran one after another); between reports they can differ by tens of percent on the same "
+             "code, as the speed of a shared machine drifts.", '',
              '| experiment | model | data | bits | paper | PTMQ | seeds | RTN | FP32 | iters/unit | calibration (min) | device | date | commit |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
