@@ -12,8 +12,9 @@ import torch
 from .recon import PTMQConfig, CalibrationResult
 
 # %% auto #0
-__all__ = ['ParamsError', 'expand', 'ExperimentParams', 'parse_overrides', 'params_from_dict', 'load_params', 'Prepared',
-           'prepare', 'git_commit', 'results_record', 'write_json', 'plot_loss_curves']
+__all__ = ['ParamsError', 'expand', 'ExperimentParams', 'parse_overrides', 'params_from_dict', 'load_params',
+           'work_from_repo_root', 'Prepared', 'prepare', 'git_commit', 'results_record', 'write_json',
+           'plot_loss_curves']
 
 # %% ../nbs/08_experiment.ipynb #1e2620fb
 class ParamsError(ValueError):
@@ -142,6 +143,10 @@ def load_params(path: str | os.PathLike, overrides: list[str] | dict | None = No
     except yaml.YAMLError as e: raise ParamsError(f"{path}: not valid YAML: {e}") from None
     for k, v in parse_overrides(overrides).items(): _set_nested(raw, k, v)
     return params_from_dict(raw, str(path), check_paths)
+
+def work_from_repo_root() -> None:
+    "For a template opened by hand from `nbs/`: work from the repository root, as `ptmq run` does, so relative paths mean the same."
+    if not Path('params').is_dir() and Path('../params').is_dir(): os.chdir('..')
 
 # %% ../nbs/08_experiment.ipynb #3a8a04d9
 @dataclass

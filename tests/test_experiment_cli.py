@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from ptmq.experiment import load_params, ParamsError, parse_overrides, expand
+from ptmq.experiment import load_params, ParamsError, parse_overrides, expand, work_from_repo_root
 from ptmq.cli import run, run_all, is_done, main, write_index
 
 DEFAULT = REPO / 'params' / 'default.yaml'
@@ -103,3 +103,9 @@ def test_failed_run_keeps_the_earlier_report(pipeline, tmp_path):
     assert (reports / 'default_digits_resnet8_w3.FAILED.ipynb').is_file()
     assert not list(reports.glob('.*running*'))
     assert 'FAILED' in write_index(reports).read_text()
+
+def test_templates_opened_from_nbs_work_from_the_repo_root(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO / 'nbs'); work_from_repo_root()
+    assert Path.cwd() == REPO
+    monkeypatch.chdir(tmp_path); work_from_repo_root()       # anywhere else: left where it is
+    assert Path.cwd() == tmp_path
