@@ -17,8 +17,8 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'run_benchmark',
-           'summarize', 'cost_ratios', 'accuracy_table', 'time_table', 'plot_benchmark', 'reading']
+__all__ = ['log', 'METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model',
+           'run_benchmark', 'summarize', 'cost_ratios', 'accuracy_table', 'time_table', 'plot_benchmark', 'reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def code_hash() -> str:
     "A short hash of the ptmq source files that decide a calibration's result."
     root = Path(__file__).resolve().parent if '__file__' in globals() else Path('../ptmq')
     h = hashlib.sha1()
-    for name in ('quant', 'fold', 'blocks', 'vit', 'mfm', 'loss', 'recon', 'models', 'data'):
+    for name in ('quant', 'fold', 'blocks', 'vit', 'arch', 'mfm', 'loss', 'recon', 'models', 'data'):
         h.update((root / f'{name}.py').read_bytes())
     return h.hexdigest()[:12]
 
@@ -164,22 +164,28 @@ def run_key(run: Run, context: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps({'run': run.to_dict(), **context}, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 def run_one(run: Run, model: nn.Module, calib: Tensor, base: PTMQConfig, evaluate: Callable[[nn.Module, str], float],
-            progress: bool = False) -> dict[str, Any]:
-    "Calibrate `run` from the float `model`, time it, and evaluate it at each of its bit-widths."
+            progress: bool = False, save: Callable[[nn.Module], Any] | None = None) -> dict[str, Any]:
+    "Calibrate `run` from the float `model`, time it, evaluate it at each of its bit-widths, and pass the model to `save` if given."
     cfg = run.config(base)
     t0 = time.perf_counter()
     qm = ptmq(model, calib, cfg, progress=progress)
     seconds = time.perf_counter() - t0
     top1 = {b: evaluate(set_bits(qm, b), f"{run.describe()} A{b}") for b in run.a_bits}
+    if save is not None: save(qm)
     cal = qm.calibration
     return {**run.to_dict(), 'seconds': round(seconds, 3), 'loop_seconds': round(cal.seconds, 3), 'iters_per_block': cfg.iters,
             'units': len(qm.units), 'unit_seconds': [round(s, 3) for s in cal.unit_seconds], 'device': cal.device, 'threads': torch.get_num_threads(),
             'top1': {str(b): v for b, v in top1.items()}, 'history': cal.history if METHODS[run.method].kind == 'multi' else [],
             'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
+def keeps_model(run: Run, spec: BenchmarkSpec) -> bool:
+    "Whether the benchmark keeps `run`'s calibrated model: PTMQ's first seed, at every weight bit-width."
+    return run.method == 'ptmq' and run.seed == spec.seeds[0]
+
 def run_benchmark(spec: BenchmarkSpec, model: nn.Module, calib: Tensor, base: PTMQConfig, evaluate: Callable[[nn.Module, str], float],
-                  context: dict[str, Any] | None = None, cache: str | Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    "Run (or reuse from `cache`) every calibration of `spec`; returns one record per run."
+                  context: dict[str, Any] | None = None, cache: str | Path | None = None, progress: bool = True,
+                  save: Callable[[nn.Module, Path], Any] | None = None, models: str | Path | None = None) -> list[dict[str, Any]]:
+    "Run (or reuse from `cache`) every calibration of `spec`; returns one record per run. PTMQ's first-seed models go to `save(model, path)`, under `models` (default: the cache)."
     from tqdm.auto import tqdm
     runs, records = spec.runs(), []
     context = {**(context or {}), 'base': base.to_dict(), 'code': code_hash()}
@@ -187,14 +193,21 @@ def run_benchmark(spec: BenchmarkSpec, model: nn.Module, calib: Tensor, base: PT
     if cache is not None: cache.mkdir(parents=True, exist_ok=True)
     spent, fresh = 0.0, 0
     bar = tqdm(runs, desc='benchmark', unit='run', disable=not progress)
+    folder = Path(models) if models is not None else cache
+    if save is not None and folder is None: raise ValueError("saving models needs a folder: pass models= or cache=")
     for i, run in enumerate(bar):
-        path = cache / f"{run.method}-{run_key(run, context)}.json" if cache is not None else None
-        if path is not None and spec.reuse and path.is_file():
-            records.append(json.loads(path.read_text())); log.info("[%d/%d] %s: reused %s", i + 1, len(runs), run.describe(), path.name)
+        stem = f"{run.method}-{run_key(run, context)}"
+        path = cache / f"{stem}.json" if cache is not None else None
+        model_path = folder / f"{stem}.safetensors" if save is not None and keeps_model(run, spec) else None
+        if path is not None and spec.reuse and path.is_file() and (model_path is None or model_path.is_file()):
+            rec = json.loads(path.read_text())
+            if model_path is not None: rec['model_path'] = str(model_path)
+            records.append(rec); log.info("[%d/%d] %s: reused %s", i + 1, len(runs), run.describe(), path.name)
             continue
         bar.set_postfix_str(run.describe())
         t = time.perf_counter()
-        rec = run_one(run, model, calib, base, evaluate)
+        rec = run_one(run, model, calib, base, evaluate, save=None if model_path is None else lambda qm: save(qm, model_path))
+        if model_path is not None: rec['model_path'] = str(model_path)
         spent += time.perf_counter() - t; fresh += 1
         records.append(rec)
         if path is not None: path.write_text(json.dumps(rec))

@@ -13,8 +13,8 @@ from .quant import ActQuantizer, WeightQuantizer
 from .fold import fold_bn
 
 # %% auto #0
-__all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'quantize_model', 'act_quantizers',
-           'weight_quantizers', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+__all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'act_quantizers', 'weight_quantizers',
+           'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -79,11 +79,13 @@ class QuantHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor: return self.fc(torch.flatten(self.pool(x), 1))
 
 class QuantModel(nn.Module):
-    "A quantized model: a sequence of reconstruction units."
-    def __init__(self, units: Sequence[nn.Module], a_bits: Sequence[int], w_bits: int):
+    "A quantized model: a sequence of reconstruction units; `arch`/`arch_config`/`spec` say how to rebuild it (`ptmq.arch`)."
+    def __init__(self, units: Sequence[nn.Module], a_bits: Sequence[int], w_bits: int, arch: str | None = None,
+                 arch_config: dict | None = None, spec: 'QuantSpec | None' = None):
         super().__init__()
         self.units = nn.ModuleList(units)
         self.a_bits, self.w_bits = tuple(a_bits), w_bits
+        self.arch, self.arch_config, self.spec = arch, arch_config, spec
     def forward(self, x: Tensor) -> Tensor:
         for u in self.units: x = u(x)
         return x
@@ -103,73 +105,14 @@ class QuantSpec:
     def linear(self, fc: nn.Linear, act=None) -> QuantLayer:
         "A QuantLayer of a linear layer whose input is quantized at the model's activation bit-widths (transformer layers)."
         return QuantLayer(fc, self.w_bits, act, in_q=self.aq(), observer=self.observer, p=self.p)
+    def to_dict(self) -> dict:
+        "What a saved model needs to rebuild its quantizers (the observer only sets initial values, so it is not needed)."
+        return {'w_bits': self.w_bits, 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
+                'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
                                     observer=self.observer, p=self.p), pool)
 
-def _resnet_units(m: nn.Module, s: QuantSpec) -> list[nn.Module]:
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    from ptmq.models import CifarBasicBlock
-    stem = [s.layer(m.conv1, m.bn1, nn.ReLU(), out_q=True, w_bits=s.first_last_w_bits)]
-    if hasattr(m, 'maxpool'): stem.append(m.maxpool)
-    units = [nn.Sequential(*stem)]
-    for stage in [getattr(m, f'layer{i}') for i in range(1, 5) if hasattr(m, f'layer{i}')]:
-        for b in stage:
-            if isinstance(b, (BasicBlock, CifarBasicBlock)):
-                body = [s.layer(b.conv1, b.bn1, nn.ReLU(), out_q=True), s.layer(b.conv2, b.bn2)]
-            elif isinstance(b, Bottleneck):
-                body = [s.layer(b.conv1, b.bn1, nn.ReLU(), out_q=True), s.layer(b.conv2, b.bn2, nn.ReLU(), out_q=True), s.layer(b.conv3, b.bn3)]
-            else: raise TypeError(f"unsupported ResNet block {type(b).__name__}")
-            ds = b.downsample
-            if isinstance(ds, nn.Sequential): ds = s.layer(ds[0], ds[1])
-            units.append(QuantResidualBlock(body, ds, s.aq(), nn.ReLU()))
-    units.append(s.head(m.fc if hasattr(m, 'fc') else m.linear))
-    return units
-
-def _mobilenetv2_units(m: nn.Module, s: QuantSpec) -> list[nn.Module]:
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    def cna(seq, w_bits=None, out_q=True): return s.layer(seq[0], seq[1], nn.ReLU6(), out_q=out_q, w_bits=w_bits)
-    feats = list(m.features)
-    units = [cna(feats[0], w_bits=s.first_last_w_bits)]
-    for b in feats[1:-1]:
-        if not isinstance(b, InvertedResidual): raise TypeError(f"unsupported MobileNetV2 block {type(b).__name__}")
-        layers = list(b.conv)
-        body = [cna(l) for l in layers[:-2]] + [s.layer(layers[-2], layers[-1])]
-        units.append(QuantResidualBlock(body, None, s.aq(), residual=b.use_res_connect))
-    units.append(cna(feats[-1]))
-    units.append(s.head(m.classifier[-1]))
-    return units
-
-def _regnet_units(m: nn.Module, s: QuantSpec) -> list[nn.Module]:
-    def cna(c, out_q=True, w_bits=None):
-        act = c.bn.act if not isinstance(c.bn.act, nn.Identity) else None
-        return s.layer(c.conv, c.bn, act, out_q=out_q and act is not None, w_bits=w_bits)
-    units = [cna(m.stem, w_bits=s.first_last_w_bits)]
-    for stage in (m.s1, m.s2, m.s3, m.s4):
-        for b in stage.children():
-            if not isinstance(b.se, nn.Identity): raise TypeError("RegNet blocks with squeeze-excitation (RegNetY) are not supported yet")
-            ds = cna(b.downsample, out_q=False) if b.downsample is not None and not isinstance(b.downsample, nn.Identity) else None
-            units.append(QuantResidualBlock([cna(b.conv1), cna(b.conv2), cna(b.conv3, out_q=False)], ds, s.aq(), b.act3,
-                                            residual=b.downsample is not None))
-    units.append(s.head(m.head.fc, m.head.global_pool))
-    return units
-
-def quantize_model(model: nn.Module, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8,
-                   head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True) -> QuantModel:
-    "Fold BN and wrap a supported float CNN or timm ViT into a multi-bit `QuantModel` (the float model is left as it is)."
-    from torchvision.models import ResNet, MobileNetV2
-    from ptmq.models import CifarResNet
-    import copy
-    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul)
-    model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
-    if isinstance(model, (ResNet, CifarResNet)): units = _resnet_units(model, s)
-    elif isinstance(model, MobileNetV2): units = _mobilenetv2_units(model, s)
-    elif type(model).__name__ == 'RegNet' and hasattr(model, 's4'): units = _regnet_units(model, s)
-    elif type(model).__name__ == 'VisionTransformer' and hasattr(model, 'blocks'):
-        from ptmq.vit import vit_units
-        units = vit_units(model, s, quant_attn_matmul)
-    else: raise TypeError(f"no quantized wrapping for {type(model).__name__}; supported: ResNet, CifarResNet, MobileNetV2, timm RegNet, timm VisionTransformer")
-    return QuantModel(units, s.a_bits, w_bits).eval()
 
 # %% ../nbs/04_blocks.ipynb #d7e5fe6a
 def act_quantizers(m: nn.Module) -> list[ActQuantizer]: return [q for q in m.modules() if isinstance(q, ActQuantizer)]

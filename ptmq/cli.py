@@ -173,6 +173,26 @@ def _gpu_lines(checks: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
                        f"{r['finished'][:10]} |")
     return out
 
+def _deploy_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
+    "The kept models: file size against the float model, and the ONNX check of each bit-width (PyTorch / onnxruntime top-1)."
+    recs = [r for r in recs if (r.get('deploy') or {}).get('model_files')]
+    if not recs: return []
+    out = ['', '## Kept models and their ONNX export', '',
+           '`model.safetensors` beside each report (git-ignored: `ptmq.load` reads it, `ptmq export` turns it into ONNX). Size against '
+           'the float checkpoint file (or the float32 state dict when the weights were published ones). ONNX check: top-1 of the '
+           'PyTorch model / onnxruntime on the graph as exported, and the largest logit difference, per bit-width.', '',
+           '| experiment | file | bits | size (MB) | of the float model | ONNX check: PyTorch / onnxruntime top-1 (largest logit difference) |',
+           '|---|---|---|---|---|---|']
+    for r in recs:
+        checks = {(c['w_bits'], c['a_bits']): c for c in r['deploy'].get('onnx', [])}
+        for f in r['deploy']['model_files']:
+            ref, what = (f['checkpoint_bytes'], 'checkpoint') if f.get('checkpoint_bytes') else (f['float32_state_dict_bytes'], 'float32 state dict')
+            cs = [checks[(f['w_bits'], a)] for a in f['a_bits'] if (f['w_bits'], a) in checks]
+            onnx = ', '.join(f"A{c['a_bits']} {c['top1_torch']:.2f} / {c['top1_onnx']:.2f} ({c['max_logit_diff']:.0e})" for c in cs) or '-'
+            out.append(f"| [{r['name']}]({r['name']}/report.html) | {f['file']} | W{f['w_bits']}A{'/'.join(map(str, f['a_bits']))} | "
+                       f"{f['bytes'] / 1e6:.3f} | {f['bytes'] / ref:.1%} of the {what} | {onnx} |")
+    return out
+
 def write_index(reports: str | os.PathLike = 'reports') -> Path:
     "Regenerate `reports/README.md` (and `summary.png`) from the records of every report."
     reports = Path(reports)
@@ -191,7 +211,7 @@ def write_index(reports: str | os.PathLike = 'reports') -> Path:
         lines.append(f"| {r['experiment']} | {r['model']} | {r['dataset']} | {r['bits']} | {fmt(r['paper'])} | **{fmt(r['ptmq'])}** | {r['seeds']} | "
                      f"{fmt(r['rtn'])} | {fmt(r['fp32'])} | {r['iters']} | {fmt(r['calib_min'], 1)} | {r['device']} | {r['finished']} | {r['commit']} |")
     if not rows: lines.append('| (no reports yet) | | | | | | | | | | | | | |')
-    lines += _benchmark_lines(exps) + _gpu_lines(gpu)
+    lines += _benchmark_lines(exps) + _deploy_lines(exps) + _gpu_lines(gpu)
     failed = sorted(reports.glob('*.FAILED.ipynb'))
     if failed: lines += ['', 'Failed runs (partial notebooks): ' + ', '.join(f'[{f.name}]({f.name})' for f in failed)]
     if exps: plot_summary(exps, reports / 'summary.png')
@@ -248,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument('--amp', choices=['off', 'on', 'both'], default='both', help='time float32, bfloat16 autocast, or both')
     g.add_argument('--qdrop', action=argparse.BooleanOptionalAction, default=True, help='also time per-bit-width QDrop: the GPU cost ratio')
     g.add_argument('--out', default='reports/gpu_check')
+    e = sub.add_parser('export', help='export a saved model (ptmq.save) at one activation bit-width: ONNX in QDQ form')
+    e.add_argument('model', help='a model file written by ptmq run or ptmq.save (.safetensors)')
+    e.add_argument('--bits', type=int, required=True, help='the activation bit-width to export (one the model was calibrated for)')
+    e.add_argument('--format', dest='fmt', choices=['onnx'], default='onnx')
+    e.add_argument('-o', '--out', help='output file (default: MODEL_a<bits>.onnx beside the model)')
+    e.add_argument('--check', metavar='IMAGEFOLDER', help='evaluate PyTorch and onnxruntime on this ImageFolder: top-1 of each, largest logit difference')
+    e.add_argument('--images', type=int, help='check on this many images (a seeded subset; default: all)')
+    e.add_argument('--batch-size', type=int, default=250)
     args = ap.parse_args(argv)
     def _term(*_): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _term)       # a killed run cleans up like Ctrl-C
@@ -267,6 +295,17 @@ def main(argv: list[str] | None = None) -> int:
             out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp,
                             qdrop=args.qdrop)
             print((out / 'README.md').read_text())
+        elif args.cmd == 'export':
+            from ptmq.export import export_command
+            res = export_command(args.model, args.bits, args.out, args.fmt, args.check, args.images, args.batch_size)
+            print(f"wrote {res['onnx']} ({res['onnx_bytes'] / 1e6:.2f} MB) in {res['export_seconds']:.1f}s")
+            if 'top1_torch' in res:
+                print(f"checked on {res['images']} images at A{res['a_bits']}: top-1 PyTorch {res['top1_torch']:.2f}%, onnxruntime "
+                      f"{res['top1_onnx']:.2f}%; predictions agree on {res['agree']:.2f}%; largest logit difference {res['max_logit_diff']:.2e}")
+                print(f"onnxruntime with its default optimizations (Conv biases rounded to int32): top-1 {res['top1_onnx_default']:.2f}%, "
+                      f"largest logit difference {res['max_logit_diff_default']:.2e}")
+                print(f"{res['ms_per_image_torch']:.2f} ms/image PyTorch (fake-quantized), {res['ms_per_image_onnx']:.2f} ms/image onnxruntime "
+                      "(one image at a time, informational)")
     except (ParamsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:

@@ -16,8 +16,8 @@ from .models import model_spec, TORCHVISION_MODELS, torchvision_weights, is_weig
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'WNID', 'torchvision_data_config', 'model_transform', 'image_folder', 'seeded_subset', 'calibration_images',
-           'make_toy_folder', 'match_labels', 'evaluate', 'preload']
+__all__ = ['log', 'WNID', 'torchvision_data_config', 'data_config', 'transform_from_config', 'model_transform', 'image_folder',
+           'seeded_subset', 'calibration_images', 'make_toy_folder', 'match_labels', 'evaluate', 'preload']
 
 # %% ../nbs/03_data.ipynb #219d67f8
 def torchvision_data_config(name: str, weights: str | None = None) -> dict:
@@ -27,16 +27,24 @@ def torchvision_data_config(name: str, weights: str | None = None) -> dict:
     return dict(input_size=(3, crop, crop), interpolation=t.interpolation.value, mean=tuple(t.mean), std=tuple(t.std),
                 crop_pct=crop / resize, crop_mode='center')
 
+def data_config(name: str, model: nn.Module | None = None, weights: str | os.PathLike | None = None) -> dict:
+    "The preprocessing of the registered model `name` as a data config (plain values: a saved model records it)."
+    spec = model_spec(name)
+    if spec.data_config is not None: return dict(spec.data_config)
+    import timm.data
+    if name in TORCHVISION_MODELS: return torchvision_data_config(name, weights)
+    if model is not None: return dict(timm.data.resolve_data_config({}, model=model))
+    return dict(timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict()))
+
+def transform_from_config(cfg: dict) -> transforms.Compose:
+    "The evaluation transform of a data config: `ToTensor` and `Normalize` when it says `resize: False` (CIFAR-style), else timm's."
+    if not cfg.get('resize', True): return transforms.Compose([transforms.ToTensor(), transforms.Normalize(cfg['mean'], cfg['std'])])
+    import timm.data
+    return timm.data.create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k != 'resize'}, is_training=False)
+
 def model_transform(name: str, model: nn.Module | None = None, weights: str | os.PathLike | None = None) -> transforms.Compose:
     "The evaluation (and calibration) preprocessing of the registered model `name` (a torchvision model's follows its weight set `weights`)."
-    spec = model_spec(name)
-    if spec.data_config is not None and not spec.data_config.get('resize', True):
-        return transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.data_config['mean'], spec.data_config['std'])])
-    import timm.data
-    if name in TORCHVISION_MODELS: cfg = torchvision_data_config(name, weights)
-    elif model is not None: cfg = timm.data.resolve_data_config({}, model=model)
-    else: cfg = timm.data.resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
-    return timm.data.create_transform(**cfg, is_training=False)
+    return transform_from_config(data_config(name, model, weights))
 
 # %% ../nbs/03_data.ipynb #9738932e
 def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolder:

@@ -12,9 +12,9 @@ import torch
 from .recon import PTMQConfig, CalibrationResult
 
 # %% auto #0
-__all__ = ['ParamsError', 'expand', 'ExperimentParams', 'parse_overrides', 'params_from_dict', 'load_params',
-           'work_from_repo_root', 'Prepared', 'prepare', 'git_commit', 'results_record', 'write_json',
-           'plot_loss_curves']
+__all__ = ['ParamsError', 'expand', 'DeployParams', 'ExperimentParams', 'parse_overrides', 'params_from_dict', 'load_params',
+           'work_from_repo_root', 'Prepared', 'prepare', 'float_sizes', 'keep_model', 'onnx_checks', 'git_commit',
+           'results_record', 'write_json', 'plot_loss_curves']
 
 # %% ../nbs/08_experiment.ipynb #1e2620fb
 class ParamsError(ValueError):
@@ -30,6 +30,29 @@ def expand(s: str) -> str:
         if m.group(2) is not None: return m.group(2)
         raise ParamsError(f"environment variable {m.group(1)} is not set (write ${{{m.group(1)}:-default}} to give a default)")
     return os.path.expanduser(_VAR.sub(sub, s))
+
+@dataclass
+class DeployParams:
+    "What a run keeps and checks of its model: the model file, and an ONNX export per bit-width checked against PyTorch."
+    save: bool = True                  # write reports/<name>/model.safetensors (ptmq.save)
+    onnx: bool = True                  # export each activation bit-width to ONNX and check onnxruntime against PyTorch
+    check_images: int | None = 10000   # evaluation images of that check (seeded subset; None: all)
+    latency_images: int = 32           # images timed one at a time, for the informational latency
+
+    def __post_init__(self):
+        for k in ('save', 'onnx'):
+            if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be true or false, got {getattr(self, k)!r}")
+        if self.check_images is not None and (not isinstance(self.check_images, int) or self.check_images < 1):
+            raise ValueError(f"check_images must be a positive integer or null (all), got {self.check_images!r}")
+        if not isinstance(self.latency_images, int) or self.latency_images < 1: raise ValueError(f"latency_images must be a positive integer, got {self.latency_images!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> 'DeployParams':
+        if d is None: return cls()
+        if not isinstance(d, dict): raise ValueError("must be a mapping (save, onnx, check_images, latency_images)")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown: raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**d)
 
 @dataclass
 class ExperimentParams:
@@ -49,6 +72,7 @@ class ExperimentParams:
     rtn: bool = True
     workers: int = 0
     description: str = ''
+    deploy: DeployParams = field(default_factory=DeployParams)
     benchmark: Any = None      # a ptmq.bench.BenchmarkSpec: run the benchmark template instead of one experiment
 
     def path(self, p: str | None) -> Path | None:
@@ -80,6 +104,7 @@ class ExperimentParams:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d['ptmq'] = self.ptmq.to_dict()
+        d['deploy'] = dataclasses.asdict(self.deploy)
         if self.benchmark is None: del d['benchmark']
         else: d['benchmark'] = self.benchmark.to_dict()
         return d
@@ -124,13 +149,15 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         if k in raw and (not isinstance(raw[k], int) or raw[k] < 1): raise ParamsError(f"{source}: key {k!r} must be a positive integer, got {raw[k]!r}")
     if raw.get('eval_images') is not None and (not isinstance(raw['eval_images'], int) or raw['eval_images'] < 1):
         raise ParamsError(f"{source}: key 'eval_images' must be a positive integer or null (all), got {raw['eval_images']!r}")
+    try: deploy = DeployParams.from_dict(raw.get('deploy'))
+    except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'deploy': {e}") from None
     bench = None
     if raw.get('benchmark') is not None:
         from ptmq.bench import BenchmarkSpec
         if not isinstance(raw['benchmark'], dict): raise ParamsError(f"{source}: key 'benchmark' must be a mapping (settings, seeds, seeded, reuse)")
         try: bench = BenchmarkSpec.from_dict(raw['benchmark'], ptmq_cfg)
         except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'benchmark': {e}") from None
-    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'benchmark': bench})
+    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'deploy': deploy, 'benchmark': bench})
     if check_paths: p.check_paths(source)
     return p
 
@@ -151,26 +178,56 @@ def work_from_repo_root() -> None:
 # %% ../nbs/08_experiment.ipynb #3a8a04d9
 @dataclass
 class Prepared:
-    "The loaded inputs of an experiment."
+    "The loaded inputs of an experiment, and the preprocessing that made them (recorded in the saved model)."
     model: torch.nn.Module
     calib: torch.Tensor
     eval_set: Any
     seconds: float
+    data_config: dict | None = None
 
 def prepare(p: ExperimentParams) -> Prepared:
     "Load the float model, a seeded calibration tensor, and the (preloaded) evaluation set of `p`."
     from ptmq.models import create_model
-    from ptmq.data import model_transform, calibration_images, image_folder, seeded_subset, preload, match_labels
+    from ptmq.data import data_config, transform_from_config, calibration_images, image_folder, seeded_subset, preload, match_labels
     t = time.perf_counter()
     w = p.weights_source()
     model = create_model(p.model, weights=w, pretrained=p.pretrained)
-    tf = model_transform(p.model, model, w)
+    dc = data_config(p.model, model, w)
+    tf = transform_from_config(dc)
     ev = image_folder(p.path(p.eval_data), tf)
     with torch.no_grad(): ev = match_labels(ev, model.eval()(ev[0][0][None]).shape[-1])   # labels checked before the slow work
     calib = calibration_images(p.path(p.calib_data), tf, p.calib_images, p.calib_seed, p.workers)
     eval_set = seeded_subset(ev, p.eval_images, seed=p.calib_seed)
     if len(eval_set) <= 20000: eval_set = preload(eval_set, p.eval_batch, p.workers)
-    return Prepared(model, calib, eval_set, time.perf_counter() - t)
+    return Prepared(model, calib, eval_set, time.perf_counter() - t, dc)
+
+def float_sizes(p: ExperimentParams, model: torch.nn.Module) -> dict[str, int | None]:
+    "Bytes of the float model: its float32 state dict, and its checkpoint file when the weights come from a local file."
+    w = p.weights_source()
+    return {'float32_state_dict_bytes': sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point()),
+            'checkpoint_bytes': w.stat().st_size if isinstance(w, Path) and w.is_file() else None}
+
+def keep_model(qm: torch.nn.Module, folder: str | os.PathLike, p: ExperimentParams, prep: Prepared, file: str = 'model.safetensors') -> dict[str, Any]:
+    "Save the calibrated model into `folder` (`ptmq.save`); its file name, size and SHA-256, with the float model's sizes beside them."
+    from ptmq.serialize import save
+    info = save(qm, Path(folder) / file, model_name=p.model, data_config=prep.data_config, metadata={'experiment': p.name})
+    return {**info, 'w_bits': qm.w_bits, 'a_bits': list(qm.a_bits), **float_sizes(p, prep.model)}
+
+def onnx_checks(qm: torch.nn.Module, p: ExperimentParams, prep: Prepared, progress: bool = False) -> list[dict[str, Any]]:
+    "Export every activation bit-width of `qm` to ONNX (a scratch folder) and check onnxruntime against PyTorch on the evaluation set."
+    import tempfile
+    from ptmq.export import export_onnx, check_onnx
+    from ptmq.data import seeded_subset
+    data = seeded_subset(prep.eval_set, p.deploy.check_images, seed=p.calib_seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for b in qm.a_bits:
+            t = time.perf_counter()
+            f = export_onnx(qm, Path(d) / f'a{b}.onnx', b, prep.data_config['input_size'])
+            seconds = time.perf_counter() - t
+            rows.append({'w_bits': qm.w_bits, **check_onnx(qm, f, b, data, p.eval_batch, p.deploy.latency_images, progress=progress),
+                         'export_seconds': round(seconds, 1)})
+    return rows
 
 def git_commit(path: str | os.PathLike = '.') -> str | None:
     "The current git commit of the checkout at `path` (None outside git)."

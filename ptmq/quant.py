@@ -101,10 +101,33 @@ class WeightQuantizer(nn.Module):
 
     def set_mode(self, mode: str) -> None:
         if mode not in self.modes: raise ValueError(f"unknown mode {mode!r}; choose one of {self.modes}")
+        if self.mode == 'codes': raise ValueError("this weight quantizer holds integer codes only (a saved model): its rounding cannot change")
         self.mode = mode
+
+    @torch.no_grad()
+    def codes(self, w: Tensor) -> Tensor:
+        "The integer codes (uint8, in `0..qmax`) of `w` under the current rounding, `'nearest'` or `'hard'`."
+        if self.mode == 'codes': return self.int_codes
+        if self.mode == 'soft': raise ValueError("soft rounding has no integer codes: round hard first (set_mode('hard'))")
+        q = torch.round(w / self.scale) if self.mode == 'nearest' else torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype)
+        return torch.clamp(q + self.zero_point, 0, self.qmax).to(torch.uint8)
+
+    def freeze_codes(self, w: Tensor | None = None, codes: Tensor | None = None) -> None:
+        "Keep the integer codes (of `w` under the current rounding, or `codes` as given) and drop `alpha`: mode `'codes'`."
+        codes = self.codes(w) if codes is None else codes.to(torch.uint8)
+        if codes.shape != self.scale.shape[:1] + codes.shape[1:] or codes.dim() != self.scale.dim():
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit steps of shape {tuple(self.scale.shape)}")
+        if 'alpha' in self._parameters: del self.alpha
+        self.register_buffer('int_codes', codes.to(self.scale.device))
+        self.mode = 'codes'
+
+    def dequantized(self) -> Tensor:
+        "The quantized weights `s (q - z)` of a quantizer in mode `'codes'`."
+        return (self.int_codes.to(self.scale.dtype) - self.zero_point) * self.scale
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled: return w
+        if self.mode == 'codes': return self.dequantized()
         if self.mode == 'nearest': return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
         r = self.h() if self.mode == 'soft' else (self.alpha >= 0).to(w.dtype)
         return (torch.clamp(torch.floor(w / self.scale) + r + self.zero_point, 0, self.qmax) - self.zero_point) * self.scale

@@ -12,7 +12,8 @@ import torch
 from torch import nn, Tensor
 from tqdm.auto import tqdm
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
-from .blocks import QuantModel, quantize_model, act_quantizers, weight_quantizers, set_bits, quant_state
+from .blocks import QuantModel, act_quantizers, weight_quantizers, set_bits, quant_state
+from .arch import quantize_model
 from .mfm import BitGroups, MultiBitFeatureMixer, MFM_MODES
 from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 
@@ -276,6 +277,7 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
                         cfg.quant_attn_matmul)
+    qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm
 
