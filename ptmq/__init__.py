@@ -10,3 +10,5 @@ __all__ = []
 from .serialize import save, load, read_metadata, ModelFileError
 from .arch import register_architecture
 from .export import export_onnx
+from .blocks import set_bits
+from .mixed import BitPlan, mixed_precision

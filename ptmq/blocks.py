@@ -14,7 +14,7 @@ from .fold import fold_bn
 
 # %% auto #0
 __all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'act_quantizers', 'weight_quantizers',
-           'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+           'plan_units', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -118,13 +118,39 @@ class QuantSpec:
 def act_quantizers(m: nn.Module) -> list[ActQuantizer]: return [q for q in m.modules() if isinstance(q, ActQuantizer)]
 def weight_quantizers(m: nn.Module) -> list[WeightQuantizer]: return [q for q in m.modules() if isinstance(q, WeightQuantizer)]
 
-def set_bits(model: nn.Module, a_bits: int | Sequence[int]) -> nn.Module:
-    "Select activation bit-width `a_bits` in every switchable quantizer of `model` (a tuple runs one batched pass per bit-width)."
-    qs = [q for q in act_quantizers(model) if q.switchable]
+def plan_units(model: nn.Module) -> list[int]:
+    "Positions in `model.units` of the units holding a switchable activation quantizer: the entries of a per-unit plan."
+    units = getattr(model, 'units', None)
+    if units is None: raise TypeError(f"a per-unit plan needs a QuantModel (with .units), got {type(model).__name__}")
+    return [i for i, u in enumerate(units) if any(q.switchable for q in act_quantizers(u))]
+
+def _plan_bits(model: nn.Module, plan) -> list[int]:
+    "A plan (a list with one bit-width per plan unit, a dict {unit position: bits}, or a `BitPlan`) as a list, checked."
+    units = plan_units(model)
+    if isinstance(plan, dict):
+        if set(plan) != set(units): raise ValueError(f"a plan as a dict needs exactly the unit positions {units}, got {sorted(plan)}")
+        bits = [plan[i] for i in units]
+    else: bits = list(plan)
+    if len(bits) != len(units): raise ValueError(f"a plan needs one bit-width per switchable unit ({len(units)}), got {len(bits)}")
+    bad = [b for b in bits if b not in getattr(model, 'a_bits', ())]
+    if bad: raise ValueError(f"plan bit-width(s) {sorted(set(bad))} not calibrated in this model; available: {list(model.a_bits)}")
+    return bits
+
+def set_bits(model: nn.Module, a_bits) -> nn.Module:
+    """Select activation bit-widths in the switchable quantizers of `model`: an int sets all of them; a tuple runs one batched
+    pass per bit-width; a per-unit plan (list, dict or `BitPlan`, one bit-width per unit of `plan_units`) sets each unit's."""
     if isinstance(a_bits, int):
+        qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [q.index(a_bits) for q in qs]
-    else:
+    elif isinstance(a_bits, tuple):
+        qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [tuple(q.index(b) for b in a_bits) for q in qs]
+    else:
+        bits = _plan_bits(model, a_bits)
+        qs, idx = [], []
+        for u, b in zip(plan_units(model), bits):
+            uq = [q for q in act_quantizers(model.units[u]) if q.switchable]
+            qs += uq; idx += [q.index(b) for q in uq]
     for q, i in zip(qs, idx): q.idx = i
     return model
 

@@ -144,7 +144,7 @@ def _benchmark_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
            'over the summed seconds of the QDrop calibrations it replaces (targets: within 1.0 point, at most 0.8 on CPU).', '',
            '| benchmark | model | iters/unit | PTMQ - QDrop | cost ratio | plot |', '|---|---|---|---|---|---|']
     for r in recs:
-        by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results']}
+        by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results'] if x['a_bits'] is not None}
         deltas = ', '.join(f"W{w}A{a} {by[('ptmq', w, a)] - v:+.2f}" for (m, w, a), v in sorted(by.items(), key=lambda kv: (-kv[0][1], kv[0][2]))
                            if m == 'qdrop' and ('ptmq', w, a) in by)
         ratios = ', '.join(f"W{w}: {c['ratio']:.2f}" for w, c in r['benchmark'].get('cost_ratio_vs_qdrop', {}).items()) or '-'
@@ -193,6 +193,35 @@ def _deploy_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
                        f"{f['bytes'] / 1e6:.3f} | {f['bytes'] / ref:.1%} of the {what} | {onnx} |")
     return out
 
+def _mixed_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
+    "The mixed-precision studies: the sensitivity front against the uniform line and the random plans, over the budgets."
+    recs = [r for r in recs if r.get('mixed_precision')]
+    if not recs: return []
+    from ptmq.mixed import front_table
+    out = ['', '## Mixed precision from one calibration', '',
+           'Per budget, the plan of least total sensitivity (exact knapsack) evaluated on the test set, against the straight line '
+           'between the neighbouring uniform bit-widths at the same cost, and against random plans at the same budget (points; '
+           'targets: the front on or above the line and above the random mean at every budget). Costs: element-weighted average '
+           'activation bits (or BOPs where the study says so).', '',
+           '| experiment | model | W | budgets | front >= uniform line | front > random mean | front - line: min / mean | front - random: min / mean | plot |',
+           '|---|---|---|---|---|---|---|---|---|']
+    for r in recs:
+        m = r['mixed_precision']
+        key = 'avg_a_bits' if m.get('budget', 'avg_bits') == 'avg_bits' else 'bops'
+        # an experiment's uniform rows carry their costs; a benchmark's study lists its first seed's uniform rows per weight bit-width
+        studies = ({int(w): s.get('uniform', []) for w, s in m['by_w_bits'].items()} if 'by_w_bits' in m
+                   else {x['w_bits']: [] for x in r['results'] if x['method'] == 'ptmq_mp'})
+        for wb, uniform in sorted(studies.items(), reverse=True):
+            rows = [x for x in r['results'] if x['w_bits'] == wb and (x['method'] != 'ptmq' or not uniform)] + uniform
+            t = front_table(rows, key)
+            if not len(t): continue
+            w, d = t['front - line'].dropna(), t['front - random'].dropna()
+            plot = 'mixed_precision.png' if 'by_w_bits' not in m else f'mixed_precision_w{wb}.png'
+            out.append(f"| [{r['name']}]({r['name']}/report.html) | {r['model']} | {wb} | {len(t)} | "
+                       f"{(w >= 0).sum()}/{len(w)} | {(d > 0).sum()}/{len(d)} | {_fmt(float(w.min()) if len(w) else None)} / {_fmt(float(w.mean()) if len(w) else None)} | "
+                       f"{_fmt(float(d.min()) if len(d) else None)} / {_fmt(float(d.mean()) if len(d) else None)} | [{plot}]({r['name']}/{plot}) |")
+    return out
+
 def write_index(reports: str | os.PathLike = 'reports') -> Path:
     "Regenerate `reports/README.md` (and `summary.png`) from the records of every report."
     reports = Path(reports)
@@ -211,7 +240,7 @@ def write_index(reports: str | os.PathLike = 'reports') -> Path:
         lines.append(f"| {r['experiment']} | {r['model']} | {r['dataset']} | {r['bits']} | {fmt(r['paper'])} | **{fmt(r['ptmq'])}** | {r['seeds']} | "
                      f"{fmt(r['rtn'])} | {fmt(r['fp32'])} | {r['iters']} | {fmt(r['calib_min'], 1)} | {r['device']} | {r['finished']} | {r['commit']} |")
     if not rows: lines.append('| (no reports yet) | | | | | | | | | | | | | |')
-    lines += _benchmark_lines(exps) + _deploy_lines(exps) + _gpu_lines(gpu)
+    lines += _benchmark_lines(exps) + _mixed_lines(exps) + _deploy_lines(exps) + _gpu_lines(gpu)
     failed = sorted(reports.glob('*.FAILED.ipynb'))
     if failed: lines += ['', 'Failed runs (partial notebooks): ' + ', '.join(f'[{f.name}]({f.name})' for f in failed)]
     if exps: plot_summary(exps, reports / 'summary.png')
@@ -268,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument('--amp', choices=['off', 'on', 'both'], default='both', help='time float32, bfloat16 autocast, or both')
     g.add_argument('--qdrop', action=argparse.BooleanOptionalAction, default=True, help='also time per-bit-width QDrop: the GPU cost ratio')
     g.add_argument('--out', default='reports/gpu_check')
-    e = sub.add_parser('export', help='export a saved model (ptmq.save) at one activation bit-width: ONNX in QDQ form')
+    e = sub.add_parser('export', help='export a saved model (ptmq.save) at one activation bit-width or one of its plans: ONNX in QDQ form')
     e.add_argument('model', help='a model file written by ptmq run or ptmq.save (.safetensors)')
-    e.add_argument('--bits', type=int, required=True, help='the activation bit-width to export (one the model was calibrated for)')
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument('--bits', type=int, help='the activation bit-width to export (one the model was calibrated for)')
+    which.add_argument('--plan', help='a mixed-precision plan stored in the model file, by name (ptmq.read_metadata(file)["plans"])')
     e.add_argument('--format', dest='fmt', choices=['onnx'], default='onnx')
-    e.add_argument('-o', '--out', help='output file (default: MODEL_a<bits>.onnx beside the model)')
+    e.add_argument('-o', '--out', help='output file (default: MODEL_a<bits>.onnx or MODEL_<plan>.onnx beside the model)')
     e.add_argument('--check', metavar='IMAGEFOLDER', help='evaluate PyTorch and onnxruntime on this ImageFolder: top-1 of each, largest logit difference')
     e.add_argument('--images', type=int, help='check on this many images (a seeded subset; default: all)')
     e.add_argument('--batch-size', type=int, default=250)
@@ -297,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
             print((out / 'README.md').read_text())
         elif args.cmd == 'export':
             from ptmq.export import export_command
-            res = export_command(args.model, args.bits, args.out, args.fmt, args.check, args.images, args.batch_size)
+            res = export_command(args.model, args.bits, args.out, args.fmt, args.check, args.images, args.batch_size, args.plan)
             print(f"wrote {res['onnx']} ({res['onnx_bytes'] / 1e6:.2f} MB) in {res['export_seconds']:.1f}s")
             if 'top1_torch' in res:
-                print(f"checked on {res['images']} images at A{res['a_bits']}: top-1 PyTorch {res['top1_torch']:.2f}%, onnxruntime "
-                      f"{res['top1_onnx']:.2f}%; predictions agree on {res['agree']:.2f}%; largest logit difference {res['max_logit_diff']:.2e}")
+                at = f"A{res['a_bits']}" if res['a_bits'] is not None else f"plan {args.plan} ({'-'.join(map(str, res['plan']))})"
+                print(f"checked on {res['images']} images at {at}: top-1 PyTorch {res['top1_torch']:.2f}%, onnxruntime "
+                      f"{res['top1_onnx']:.2f}%; predictions agree on {res['agree']:.2f}%; logits within 1e-3 on {res['within_1e-3']:.2f}% "
+                      f"of the images (PyTorch against itself with oneDNN off: {res['within_1e-3_torch_no_onednn']:.2f}%); "
+                      f"largest logit difference {res['max_logit_diff']:.2e}")
                 print(f"onnxruntime with its default optimizations (Conv biases rounded to int32): top-1 {res['top1_onnx_default']:.2f}%, "
                       f"largest logit difference {res['max_logit_diff_default']:.2e}")
                 print(f"{res['ms_per_image_torch']:.2f} ms/image PyTorch (fake-quantized), {res['ms_per_image_onnx']:.2f} ms/image onnxruntime "

@@ -12,9 +12,9 @@ import torch
 from .recon import PTMQConfig, CalibrationResult
 
 # %% auto #0
-__all__ = ['ParamsError', 'expand', 'DeployParams', 'ExperimentParams', 'parse_overrides', 'params_from_dict', 'load_params',
-           'work_from_repo_root', 'Prepared', 'prepare', 'float_sizes', 'keep_model', 'onnx_checks', 'git_commit',
-           'results_record', 'write_json', 'plot_loss_curves']
+__all__ = ['ParamsError', 'expand', 'DeployParams', 'MixedPrecisionParams', 'ExperimentParams', 'parse_overrides',
+           'params_from_dict', 'load_params', 'work_from_repo_root', 'Prepared', 'prepare', 'float_sizes', 'keep_model',
+           'load_kept', 'onnx_checks', 'git_commit', 'results_record', 'write_json', 'plot_loss_curves']
 
 # %% ../nbs/08_experiment.ipynb #1e2620fb
 class ParamsError(ValueError):
@@ -55,6 +55,49 @@ class DeployParams:
         return cls(**d)
 
 @dataclass
+class MixedPrecisionParams:
+    "Mixed precision from the one calibration ([18_mixed](18_mixed.ipynb)): which budgets, how many random plans, which images."
+    budgets: list[float] | int = 8     # average activation bits (budget: bops -> fractions of the highest uniform plan's BOPs); an int n: n evenly spaced
+    budget: str = 'avg_bits'           # avg_bits or bops
+    random_plans: int = 5              # random plans per budget: the honest baseline
+    sensitivity_images: int = 256      # the first N calibration images (training split; never the evaluation set)
+    seed: int = 0                      # of the random plans
+
+    def __post_init__(self):
+        if self.budget not in ('avg_bits', 'bops'): raise ValueError(f"budget must be avg_bits or bops, got {self.budget!r}")
+        b = self.budgets
+        if isinstance(b, bool) or not (isinstance(b, int) and b >= 1 or isinstance(b, list) and b and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            raise ValueError(f"budgets must be a positive integer (that many budgets) or a non-empty list of numbers, got {b!r}")
+        if isinstance(b, list) and self.budget == 'bops' and not all(0 < v <= 1 for v in b):
+            raise ValueError(f"BOPs budgets are fractions of the highest uniform plan's BOPs, in (0, 1]; got {b}")
+        for k in ('random_plans', 'sensitivity_images', 'seed'):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == 'sensitivity_images' else 0):
+                raise ValueError(f"{k} must be a {'positive' if k == 'sensitivity_images' else 'non-negative'} integer, got {v!r}")
+
+    def budget_list(self, a_bits) -> list[float]:
+        "The budgets: as given, or `budgets` evenly spaced strictly between the lowest and highest bit-width (of the BOPs: as fractions)."
+        from ptmq.mixed import budget_grid
+        if isinstance(self.budgets, list): return [float(v) for v in self.budgets]
+        if self.budget == 'avg_bits': return budget_grid(a_bits, self.budgets)
+        lo, hi = min(a_bits) / max(a_bits), 1.0
+        return [round(lo + (hi - lo) * (i + 1) / (self.budgets + 1), 4) for i in range(self.budgets)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, a_bits) -> 'MixedPrecisionParams | None':
+        if d is None or d is False: return None
+        if d is True: d = {}
+        if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, seed), true, or null")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown: raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(f.name for f in fields(cls))}")
+        mp = cls(**d)
+        if len(a_bits) < 2: raise ValueError(f"mixed precision needs at least two activation bit-widths; the model gets {list(a_bits)}")
+        if isinstance(mp.budgets, list) and mp.budget == 'avg_bits' and not all(min(a_bits) <= v <= max(a_bits) for v in mp.budgets):
+            raise ValueError(f"average-bit budgets must lie between the lowest and highest bit-width {min(a_bits)}..{max(a_bits)}; got {mp.budgets}")
+        return mp
+
+@dataclass
 class ExperimentParams:
     "One experiment: model, weights, data and PTMQ settings."
     name: str
@@ -73,6 +116,8 @@ class ExperimentParams:
     workers: int = 0
     description: str = ''
     deploy: DeployParams = field(default_factory=DeployParams)
+    mixed_precision: MixedPrecisionParams | None = None   # a mixed-precision study of the calibrated model (none: skip)
+    model_file: str | None = None      # start from this kept model (ptmq.save) instead of calibrating: same model, bit-widths
     benchmark: Any = None      # a ptmq.bench.BenchmarkSpec: run the benchmark template instead of one experiment
 
     def path(self, p: str | None) -> Path | None:
@@ -100,11 +145,28 @@ class ExperimentParams:
         w = self.weights_source()
         if isinstance(w, Path) and not w.is_file():
             raise ParamsError(f"{source}: key 'weights': weights file not found: {w}; fix the path or set data_root (now {expand(self.data_root)!r})")
+        if self.model_file is not None: self.check_model_file(source)
+
+    def check_model_file(self, source: str = '<params>') -> dict:
+        "The header of `model_file`, checked against this experiment (model, weight and activation bit-widths) before any work."
+        from ptmq.serialize import read_metadata, ModelFileError
+        f = Path(expand(self.model_file))
+        try: meta = read_metadata(f)
+        except (ModelFileError, FileNotFoundError) as e: raise ParamsError(f"{source}: key 'model_file': {e}") from None
+        want = {'model': self.model, 'w_bits': self.ptmq.w_bits, 'a_bits': sorted(self.ptmq.a_bits)}
+        got = {'model': meta.get('model'), 'w_bits': meta.get('w_bits'), 'a_bits': sorted(meta.get('a_bits') or [])}
+        if got != want: raise ParamsError(f"{source}: key 'model_file': {f} holds {got}, but this experiment is {want}")
+        cfg, mine = meta.get('config') or {}, self.ptmq.to_dict()
+        diff = sorted(k for k in mine if k != 'device' and cfg.get(k) != mine[k])
+        if diff: raise ParamsError(f"{source}: key 'model_file': {f} was calibrated with other PTMQ settings: "
+                                   + ', '.join(f"{k}: file {cfg.get(k)!r}, params {mine[k]!r}" for k in diff))
+        return meta
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d['ptmq'] = self.ptmq.to_dict()
         d['deploy'] = dataclasses.asdict(self.deploy)
+        d['mixed_precision'] = dataclasses.asdict(self.mixed_precision) if self.mixed_precision is not None else None
         if self.benchmark is None: del d['benchmark']
         else: d['benchmark'] = self.benchmark.to_dict()
         return d
@@ -151,13 +213,17 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         raise ParamsError(f"{source}: key 'eval_images' must be a positive integer or null (all), got {raw['eval_images']!r}")
     try: deploy = DeployParams.from_dict(raw.get('deploy'))
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'deploy': {e}") from None
+    try: mixed = MixedPrecisionParams.from_dict(raw.get('mixed_precision'), ptmq_cfg.a_bits)
+    except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'mixed_precision': {e}") from None
+    if raw.get('model_file') is not None and not isinstance(raw['model_file'], str):
+        raise ParamsError(f"{source}: key 'model_file' must be the path of a kept model (.safetensors), got {raw['model_file']!r}")
     bench = None
     if raw.get('benchmark') is not None:
         from ptmq.bench import BenchmarkSpec
         if not isinstance(raw['benchmark'], dict): raise ParamsError(f"{source}: key 'benchmark' must be a mapping (settings, seeds, seeded, reuse)")
         try: bench = BenchmarkSpec.from_dict(raw['benchmark'], ptmq_cfg)
         except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'benchmark': {e}") from None
-    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'deploy': deploy, 'benchmark': bench})
+    p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'deploy': deploy, 'mixed_precision': mixed, 'benchmark': bench})
     if check_paths: p.check_paths(source)
     return p
 
@@ -212,6 +278,15 @@ def keep_model(qm: torch.nn.Module, folder: str | os.PathLike, p: ExperimentPara
     from ptmq.serialize import save
     info = save(qm, Path(folder) / file, model_name=p.model, data_config=prep.data_config, metadata={'experiment': p.name})
     return {**info, 'w_bits': qm.w_bits, 'a_bits': list(qm.a_bits), **float_sizes(p, prep.model)}
+
+def load_kept(p: ExperimentParams, device: str | torch.device = 'cpu') -> tuple[torch.nn.Module, CalibrationResult]:
+    "The kept model `p.model_file` (checked against `p` first, its PTMQ settings included) and its calibration summary (no loss history)."
+    from ptmq.serialize import load
+    meta = p.check_model_file()
+    qm = load(expand(p.model_file), device)
+    c = meta.get('calibration') or {}
+    return qm, CalibrationResult(history=[], unit_seconds=[], seconds=float(c.get('seconds') or 0.0), images=int(c.get('images') or 0),
+                                 device=str(c.get('device') or ''))
 
 def onnx_checks(qm: torch.nn.Module, p: ExperimentParams, prep: Prepared, progress: bool = False) -> list[dict[str, Any]]:
     "Export every activation bit-width of `qm` to ONNX (a scratch folder) and check onnxruntime against PyTorch on the evaluation set."

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer, WeightQuantizer
-from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers
+from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, _plan_bits
+from .mixed import BitPlan, Sensitivity
 from .arch import Architectures, ARCHITECTURES, rebuild, check_rebuild
 
 # %% auto #0
@@ -112,6 +113,8 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     cal, cfg = getattr(model, 'calibration', None), getattr(model, 'config', None)
     old = getattr(model, 'metadata', None) or {}
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
+    plans = {str(k): _plan_bits(model, v) for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
+    sens = getattr(model, 'sensitivity', None)
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),
@@ -120,7 +123,8 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
             'calibration': ({'images': cal.images, 'iters_per_block': cfg.iters if cfg is not None else None, 'seconds': round(cal.seconds, 2),
                              'device': cal.device, 'units': len(cal.unit_seconds)} if cal is not None else old.get('calibration')),
             'data_config': data_config if data_config is not None else old.get('data_config'),
-            'weights': packed, 'tensor_sha256': _digest(tensors), 'user': metadata if metadata is not None else old.get('user')}
+            'weights': packed, 'tensor_sha256': _digest(tensors), 'user': metadata if metadata is not None else old.get('user'),
+            'plans': plans, 'sensitivity': sens.to_dict() if sens is not None else None}
     meta = _jsonable(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
@@ -198,5 +202,9 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
     with torch.no_grad():
         for l in layers.values(): l.layer.weight.copy_(l.wq.dequantized())
     model.metadata = meta
+    try:
+        model.plans = {k: BitPlan(tuple(_plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
+        model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
+    except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
     set_bits(model, meta.get('current_bits') or max(model.a_bits))
     return model.to(device).eval().requires_grad_(False)

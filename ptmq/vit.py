@@ -83,6 +83,7 @@ class QuantViTHead(nn.Module):
         x = x[:, 0] if self.pool_type == 'token' else (x[:, self.prefix:].mean(1) if self.pool_type == 'avg' else x)
         return self.fc(self.fc_norm(x))
 
-def vit_units(vit: nn.Module, s: QuantSpec, quant_matmul: bool = True) -> list[nn.Module]:
-    "The reconstruction units of a timm VisionTransformer: embedding, one per block, head."
-    return [QuantViTEmbed(vit, s)] + [QuantViTBlock(b, s, quant_matmul) for b in vit.blocks] + [QuantViTHead(vit, s)]
+def vit_units(vit: nn.Module, s: QuantSpec, quant_matmul: bool | None = None) -> list[nn.Module]:
+    "The reconstruction units of a timm VisionTransformer: embedding, one per block, head (`quant_matmul` None: as `s` says)."
+    qmm = s.quant_attn_matmul if quant_matmul is None else quant_matmul
+    return [QuantViTEmbed(vit, s)] + [QuantViTBlock(b, s, qmm) for b in vit.blocks] + [QuantViTHead(vit, s)]

@@ -1,6 +1,7 @@
 """The benchmark: its schema, the runs it plans, the exact aggregation (mean, spread, cost ratio), the cache and resume,
 the written reading, and one tiny run through the papermill pipeline."""
 import json, math, statistics
+from pathlib import Path
 import pytest, torch, yaml
 from conftest import REPO
 from ptmq.bench import METHODS, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
@@ -116,15 +117,23 @@ def test_run_benchmark_times_evaluates_caches_and_resumes(tmp_path, monkeypatch)
     acc = lambda m, desc: 100.0 * (m(x).argmax(1) == y).float().mean().item()
     base = PTMQConfig(w_bits=3, groups=BitGroups((2,), (3,), (4,)), iters=2, batch_size=8, observe_images=16)
     spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['rtn', 'qdrop', 'ptmq']}], 'seeds': [0, 1]}, base)
-    recs = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
+    saved = []
+    keep = lambda qm, path: (saved.append((qm.calibration, path)), path.write_bytes(b'model'))
+    recs = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False, save=keep)
+    assert [Path(r['model_path']).name for r in recs if 'model_path' in r] == [p.name for _, p in saved] and len(saved) == 1
+    assert [r for r in recs if 'model_path' in r][0]['seed'] == 0 and [r for r in recs if 'model_path' in r][0]['method'] == 'ptmq'
     assert [(r['method'], r['single_bits'], r['seed']) for r in recs] == [(r.method, r.single_bits, r.seed) for r in spec.runs()]
     assert all(r['seconds'] > 0 and r['seconds'] >= r['loop_seconds'] for r in recs)
     assert set(recs[-1]['top1']) == {'2', '3', '4'} and recs[1]['top1'].keys() == {'2'}
     assert len(list((tmp_path / 'cache').glob('*.json'))) == len(recs)
     calls = []
     monkeypatch.setattr(bench, 'run_one', lambda *a, **k: calls.append(a) or pytest.fail('finished run was not reused'))
-    again = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
+    again = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False, save=keep)
     assert again == json.loads(json.dumps(recs)) and not calls
+    saved[0][1].unlink()          # a kept model gone from the cache: that run (only) is calibrated again
+    monkeypatch.setattr(bench, 'run_one', lambda run, *a, save=None, **k: calls.append(run) or (save(None), {**run.to_dict(), 'seconds': 1.0, 'top1': {}})[1])
+    run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False, save=lambda qm, path: path.write_bytes(b'm'))
+    assert [(r.method, r.seed) for r in calls] == [('ptmq', 0)]
     # a different setting is a different run: nothing reused
     monkeypatch.setattr(bench, 'run_one', lambda run, *a, **k: {**run.to_dict(), 'seconds': 1.0, 'top1': {}})
     other = run_benchmark(spec, fp, x, PTMQConfig(**{**base.to_dict(), 'lr_act': 1e-4}), acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
@@ -135,13 +144,27 @@ def test_benchmark_through_the_pipeline(tmp_path, monkeypatch):
     from ptmq.cli import run
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=3', 'calib_images=64', 'eval_images=90',
-              'benchmark.seeds=[0, 1]', 'benchmark.settings=[{methods: [rtn, qdrop, ptmq, ptmq_no_mfm]}]'], tmp_path / 'reports')
+              'benchmark.seeds=[0, 1]', 'benchmark.settings=[{methods: [rtn, qdrop, ptmq, ptmq_no_mfm]}]',
+              'mixed_precision={budgets: [3.0], random_plans: 1, sensitivity_images: 16}'], tmp_path / 'reports')
     r = json.loads((out / 'results.json').read_text())
-    rows = {(x['method'], x['a_bits']): x for x in r['results']}
+    rows = {(x['method'], x['a_bits']): x for x in r['results'] if x['method'] not in ('ptmq_mp', 'random_mp')}
+    # the mixed-precision study of the kept first-seed model: one front plan and one random plan at 3.0 bits
+    mp = [x for x in r['results'] if x['method'] in ('ptmq_mp', 'random_mp')]
+    assert [x['method'] for x in mp] == ['ptmq_mp', 'random_mp'] and all(x['avg_a_bits'] <= 3.0 + 1e-9 and x['a_bits'] is None for x in mp)
+    assert len(r['mixed_precision']['by_w_bits']['3']['uniform']) == 3 and (out / 'mixed_precision_w3.png').is_file()
+    assert 'Mixed precision from one calibration' in (tmp_path / 'reports' / 'README.md').read_text()
     assert set(rows) == {(m, a) for m in ('rtn', 'qdrop', 'ptmq', 'ptmq_no_mfm') for a in (2, 3, 4)}
-    for x in r['results']: assert {'top1', 'top1_std', 'seeds', 'calib_seconds'} <= set(x)
+    for x in rows.values(): assert {'top1', 'top1_std', 'seeds', 'calib_seconds'} <= set(x)
     assert rows[('ptmq', 2)]['seeds'] == [0, 1] and rows[('ptmq', 2)]['top1'] == pytest.approx(statistics.fmean(rows[('ptmq', 2)]['top1_per_seed']))
     assert len({rows[('ptmq', a)]['calib_seconds'] for a in (2, 3, 4)}) == 1
     assert r['benchmark']['cost_ratio_vs_qdrop']['3']['ratio'] > 0
     assert (out / 'benchmark.png').is_file() and (out / 'loss_curves.png').is_file() and (out / 'report.html').is_file()
     assert 'bench_digits_resnet8_w3' in (tmp_path / 'reports' / 'README.md').read_text()
+    # PTMQ's first-seed model is kept beside the report, recorded with its size and hash, and loads
+    import ptmq
+    from ptmq.serialize import file_sha256
+    [mf] = r['deploy']['model_files']
+    assert mf['file'] == 'model.safetensors' and mf['seed'] == 0 and mf['a_bits'] == [2, 3, 4]
+    assert mf['bytes'] == (out / 'model.safetensors').stat().st_size and mf['sha256'] == file_sha256(out / 'model.safetensors')
+    assert ptmq.load(out / 'model.safetensors').metadata['user'] == {'benchmark': 'bench_digits_resnet8_w3'}
+    assert not any('model_path' in x for x in r['benchmark']['runs'])

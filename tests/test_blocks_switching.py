@@ -5,7 +5,8 @@ from torch import nn
 import torchvision
 from torchvision.models.resnet import ResNet, Bottleneck
 from ptmq.models import create_model, CifarResNet
-from ptmq.blocks import quantize_model, quant_state, set_bits, freeze_bits, act_quantizers, QuantResidualBlock
+from ptmq.blocks import quant_state, set_bits, freeze_bits, act_quantizers, QuantResidualBlock
+from ptmq.arch import quantize_model
 from ptmq.recon import PTMQConfig, ptmq, round_to_nearest
 
 def _randomize_bn(model):

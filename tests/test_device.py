@@ -95,7 +95,7 @@ def test_gpu_loop_does_not_synchronise_per_iteration(cache):
 
 def test_amp_runs_the_loop_passes_in_bfloat16_only():
     "`amp=True`: the unit's convolutions run in bfloat16 inside the reconstruction loop, in float32 while caching and observing."
-    from ptmq.blocks import quantize_model
+    from ptmq.arch import quantize_model
     from ptmq.recon import calibrate
     torch.manual_seed(0)
     fp = create_model('cifar_resnet20', pretrained=False)

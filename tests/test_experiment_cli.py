@@ -29,6 +29,9 @@ BASE = {'name': 't', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/tr
     ({'calib_images': 0}, r"key 'calib_images' must be a positive integer"),
     ({'weights': 'IMAGENET1K_V1'}, r"key 'weights': 'IMAGENET1K_V1' names a torchvision weight set, but digits_resnet8 is not a torchvision model"),
     ({'model': 'resnet50', 'weights': 'IMAGENET1K_V9'}, r"key 'weights': torchvision has no weights 'IMAGENET1K_V9' for resnet50; published: IMAGENET1K_V1"),
+    ({'deploy': {'onnx': 'yes'}}, r"key 'deploy': onnx must be true or false, got 'yes'"),
+    ({'deploy': {'keep': True}}, r"key 'deploy': unknown key\(s\) \['keep'\]; known: save, onnx, check_images, latency_images"),
+    ({'deploy': {'check_images': 0}}, r"key 'deploy': check_images must be a positive integer or null"),
 ])
 def test_schema_errors_name_file_key_and_fix(write, change, pattern, monkeypatch, tmp_path):
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
@@ -85,6 +88,30 @@ def test_papermill_run_produces_every_report_file(pipeline):
     assert (reports / 'summary.png').is_file()
     assert not list(reports.glob('.*running*'))
 
+def test_the_run_keeps_a_model_that_loads_and_scores_what_the_report_says(pipeline):
+    "`ptmq run` writes model.safetensors; ptmq.load reads it back and scores, at every bit-width, exactly the report's PTMQ top-1."
+    import ptmq
+    from ptmq.serialize import file_sha256
+    from ptmq.data import transform_from_config, image_folder, preload, evaluate
+    from ptmq.digits import digits_folder
+    from ptmq.blocks import set_bits
+    reports, out = pipeline
+    r = json.loads((out / 'results.json').read_text())
+    [mf] = r['deploy']['model_files']
+    assert mf['file'] == 'model.safetensors' and mf['bytes'] == (out / 'model.safetensors').stat().st_size
+    assert mf['sha256'] == file_sha256(out / 'model.safetensors') and mf['bytes'] < 0.2 * mf['float32_state_dict_bytes']
+    qm = ptmq.load(out / 'model.safetensors')
+    meta = qm.metadata
+    assert meta['model'] == 'digits_resnet8' and meta['config']['iters'] == 3 and meta['calibration']['images'] == 128
+    test = preload(image_folder(digits_folder() / 'test', transform_from_config(meta['data_config'])))
+    ptmq_rows = {x['a_bits']: x['top1'] for x in r['results'] if x['method'] == 'ptmq'}
+    assert {b: evaluate(set_bits(qm, b), test) for b in qm.a_bits} == ptmq_rows
+    checks = {c['a_bits']: c for c in r['deploy']['onnx']}
+    assert set(checks) == {2, 3, 4}
+    for b, c in checks.items():
+        assert c['top1_torch'] == ptmq_rows[b] and c['images'] == len(test) and c['agree'] >= 99.0, c
+    assert '## Kept models and their ONNX export' in (reports / 'README.md').read_text()
+
 def test_resume_skips_matching_results_only(pipeline):
     reports, _ = pipeline
     assert is_done(DEFAULT, reports, ['ptmq.iters=3', 'calib_images=128'])
@@ -109,3 +136,25 @@ def test_templates_opened_from_nbs_work_from_the_repo_root(monkeypatch, tmp_path
     assert Path.cwd() == REPO
     monkeypatch.chdir(tmp_path); work_from_repo_root()       # anywhere else: left where it is
     assert Path.cwd() == tmp_path
+
+def test_a_run_from_a_kept_model_with_mixed_precision(pipeline):
+    "`model_file` reuses the kept calibration (checked first); `mixed_precision` adds plan rows, plots, and plans in the kept model."
+    import ptmq
+    reports, out = pipeline
+    base = ['ptmq.iters=3', 'calib_images=128', f"model_file={out / 'model.safetensors'}"]
+    with pytest.raises(ParamsError, match=r"calibrated with other PTMQ settings: iters: file 3, params 4"):
+        run(DEFAULT, base + ['ptmq.iters=4', 'name=mp_bad'], reports)
+    assert not (reports / 'mp_bad.FAILED.ipynb').exists()                    # refused before any work
+    mp = run(DEFAULT, base + ['name=mp', 'rtn=false', 'deploy.onnx=false',
+                              'mixed_precision={budgets: [2.5, 3.5], random_plans: 2, sensitivity_images: 32}'], reports)
+    r, first = json.loads((mp / 'results.json').read_text()), json.loads((out / 'results.json').read_text())
+    uniform = lambda rec: {x['a_bits']: x['top1'] for x in rec['results'] if x['method'] == 'ptmq'}
+    assert uniform(r) == uniform(first)                                       # the same model, not a new calibration
+    assert r['calibration']['model_file']['sha256'] == ptmq.read_metadata(out / 'model.safetensors')['tensor_sha256']
+    assert [x['method'] for x in r['results'] if x['method'].endswith('_mp')] == ['ptmq_mp', 'random_mp', 'random_mp'] * 2
+    for x in r['results']:
+        if x['method'] in ('ptmq', 'ptmq_mp', 'random_mp'): assert {'avg_a_bits', 'bops', 'plan'} <= set(x)
+    assert (mp / 'mixed_precision.png').is_file() and (mp / 'sensitivity.png').is_file() and not (mp / 'loss_curves.png').exists()
+    kept = ptmq.load(mp / 'model.safetensors')
+    assert set(kept.plans) == {'avg_bits_2.5', 'avg_bits_3.5'} and kept.sensitivity.kl.shape == (len(kept.plans['avg_bits_2.5']), 3)
+    assert '## Mixed precision from one calibration' in (reports / 'README.md').read_text()

@@ -202,6 +202,8 @@ def test_registry_errors():
     with pytest.raises(TypeError, match='no quantized wrapping for TinyCNN; registered architectures: .*register_architecture'):
         quantize_model(TinyCNN(), 4, (4, 8))                   # not in the package's registry
     with pytest.raises(ValueError, match=r"unexpected keys \['depth'\], missing keys \['width'\]"): config_args({'depth': 3, 'num_classes': 2}, width=int, num_classes=int)
+    with pytest.raises(ValueError, match=r"ViT arguments \['block_fn'\] are not among those ptmq writes"):
+        ARCHITECTURES['timm_vit'].build({'kwargs': {'depth': 2, 'block_fn': 'os.system'}})      # a file's config is data, checked
     assert ptmq.register_architecture is not None and callable(ptmq.save) and callable(ptmq.load)
 
 def test_loaded_model_cannot_be_recalibrated(tmp_path):
@@ -255,7 +257,9 @@ def test_check_onnx_and_the_export_command(tmp_path):
     save(qm, tmp_path / 'm.safetensors', data_config=cfg)
     res = export_command(tmp_path / 'm.safetensors', 4, tmp_path / 'm4.onnx', check=folder, batch_size=7)
     assert res['images'] == 30 and (tmp_path / 'm4.onnx').is_file()
-    assert {'top1_torch', 'top1_onnx', 'agree', 'max_logit_diff', 'top1_onnx_default', 'ms_per_image_torch', 'ms_per_image_onnx'} <= set(res)
+    assert {'top1_torch', 'top1_onnx', 'agree', 'max_logit_diff', 'within_1e-3', 'top1_onnx_default', 'within_1e-3_torch_no_onednn',
+            'ms_per_image_torch', 'ms_per_image_onnx'} <= set(res)
+    assert 0 <= res['within_1e-3'] <= 100 and res['within_1e-3_torch_no_onednn'] <= 100
     assert res['agree'] >= 90 and res['max_logit_diff'] < 1.0
     assert main(['export', str(tmp_path / 'm.safetensors'), '--bits', '8']) == 0 and (tmp_path / 'm_a8.onnx').is_file()
     assert main(['export', str(tmp_path / 'm.safetensors'), '--bits', '6']) == 2            # not calibrated: stops before work

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 from conftest import need_shared
-from ptmq.blocks import quantize_model, quant_state, set_bits, freeze_bits, act_quantizers
+from ptmq.blocks import quant_state, set_bits, freeze_bits, act_quantizers
+from ptmq.arch import quantize_model
 from ptmq.vit import QuantViTBlock
 from ptmq.recon import PTMQConfig, ptmq, round_to_nearest
 from ptmq.models import create_model, WeightsError

@@ -1,0 +1,229 @@
+"Mixed precision: per-unit plans, their costs, sensitivity, the exact allocation, and plans carried by saved models."
+import itertools
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from ptmq.models import CifarResNet
+from ptmq.recon import PTMQConfig, round_to_nearest
+from ptmq.blocks import set_bits, plan_units, act_quantizers
+from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_front, random_plan, budget_grid, mixed_precision,
+                        Sensitivity)
+import ptmq
+
+CFG = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]})
+
+@pytest.fixture(scope='module')
+def r8():
+    torch.manual_seed(0)
+    fp = CifarResNet(8).eval()
+    with torch.no_grad(): fp.linear.weight.mul_(30)                         # confident outputs: KL divergences well above rounding
+    return round_to_nearest(fp, torch.randn(32, 3, 32, 32), CFG)
+
+def _vit():
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2).eval()
+    return round_to_nearest(vit, torch.randn(16, 3, 16, 16), PTMQConfig(w_bits=4, groups={'low': [6], 'mid': [7], 'high': [8]}))
+
+def test_plan_switching_is_an_exact_reversible_index_change(r8):
+    x = torch.randn(3, 3, 32, 32)
+    plan = BitPlan((4, 8, 6, 4))
+    with torch.no_grad():
+        a = set_bits(r8, plan)(x)
+        assert current_plan(r8) == plan
+        set_bits(r8, 6); set_bits(r8, BitPlan((8, 8, 4, 6)))
+        assert torch.equal(set_bits(r8, plan)(x), a)                           # plan -> other plans -> plan: bit-identical
+        assert torch.equal(set_bits(r8, [4, 8, 6, 4])(x), a)                    # a plain list is the same plan
+        assert torch.equal(set_bits(r8, {0: 4, 1: 8, 2: 6, 3: 4})(x), a)        # and a dict {unit position: bits}
+        for b in (4, 6, 8):
+            assert torch.equal(set_bits(r8, BitPlan.uniform(r8, b))(x), set_bits(r8, b)(x))
+        assert not torch.equal(a, set_bits(r8, 8)(x))
+    # a unit's plan entry sets exactly that unit's switchable quantizers
+    set_bits(r8, plan)
+    for u, b in zip(plan_units(r8), plan):
+        assert {q.current_bits for q in act_quantizers(r8.units[u]) if q.switchable} == {b}
+    assert [q.current_bits for q in act_quantizers(r8.units[-1])] == [8]     # the classifier input stays fixed
+
+def test_plan_text_form_round_trips():
+    p = BitPlan.parse('4-6-8-4')
+    assert p.bits == (4, 6, 8, 4) and str(p) == '4-6-8-4' and BitPlan.parse(str(p)) == p and p.to_list() == [4, 6, 8, 4]
+    assert BitPlan.parse([np.int64(4), 6]) == BitPlan((4, 6))
+
+@pytest.mark.parametrize('bad, msg', [('4-x-8', "joined by '-'"), ([], 'non-empty'), ([4, 9], '2..8'), ([4, True], '2..8')])
+def test_bad_plan_text(bad, msg):
+    with pytest.raises(ValueError, match=msg): BitPlan.parse(bad)
+
+def test_bad_plans_get_clear_errors(r8):
+    with pytest.raises(ValueError, match=r'one bit-width per switchable unit \(4\), got 3'): set_bits(r8, [4, 6, 8])
+    with pytest.raises(ValueError, match=r'bit-width\(s\) \[5\] not calibrated in this model; available: \[4, 6, 8\]'): set_bits(r8, [4, 5, 8, 8])
+    with pytest.raises(ValueError, match='exactly the unit positions'): set_bits(r8, {0: 4, 1: 4, 2: 4, 4: 4})
+    with pytest.raises(TypeError, match='QuantModel'): set_bits(r8.units[1], [4])
+
+def test_plan_costs_by_hand(r8):
+    c = plan_costs(r8, torch.zeros(2, 3, 32, 32))
+    # activation elements per image of each unit's quantizers: stem output; a block's first conv output and its own output
+    assert c.elems.tolist() == [16 * 32 * 32, 2 * 16 * 32 * 32, 2 * 32 * 16 * 16, 2 * 64 * 8 * 8]
+    macs = lambda cout, h, cin, k=3: cout * h * h * cin * k * k
+    fixed = macs(16, 32, 3) * 8 * 8 + 64 * 10 * 8 * 8                          # stem: 8-bit weights on the image (8 bits); classifier: 8 x 8
+    feeds = {0: [macs(16, 32, 16)], 1: [macs(16, 32, 16), macs(32, 16, 16)],   # which convs read each unit's output, at 4-bit weights
+             2: [macs(32, 16, 32), macs(64, 8, 32)], 3: [macs(64, 8, 64)]}
+    plan = BitPlan((4, 6, 8, 4))
+    assert c.fixed_bops == fixed
+    assert c.bops(plan) == fixed + sum(4 * m * b for u, b in enumerate(plan) for m in feeds[u])
+    assert c.avg_bits(plan) == pytest.approx((16384 * 4 + 32768 * 6 + 16384 * 8 + 8192 * 4) / (16384 + 32768 + 16384 + 8192))
+    for b in (4, 6, 8): assert c.avg_bits(BitPlan.uniform(r8, b)) == pytest.approx(b)
+    cost, const = c.table((4, 6, 8), 'bops')
+    assert const + cost[np.arange(4), [0, 1, 2, 0]].sum() == pytest.approx(c.bops(plan))
+    with pytest.raises(ValueError, match='unknown cost'): c.table((4, 6, 8), 'latency')
+
+def test_plan_costs_on_a_vit():
+    m = _vit()
+    c = plan_costs(m, torch.zeros(1, 3, 16, 16))
+    assert len(c.elems) == len(plan_units(m)) == 2                         # the two blocks (the patch embedding reads the image at 8 bits)
+    assert all(l['input'] != 'float' for l in c.layers)
+    for b in (6, 7, 8): assert c.avg_bits(BitPlan.uniform(m, b)) == pytest.approx(b)
+
+def test_sensitivity_is_kl_of_one_lowered_unit(r8):
+    x = torch.randn(24, 3, 32, 32)
+    set_bits(r8, BitPlan((6, 4, 8, 6)))
+    s = sensitivity(r8, x, batch_size=10)
+    assert current_plan(r8) == BitPlan((6, 4, 8, 6))                        # the model is left as it was
+    assert s.bits == (4, 6, 8) and s.kl.shape == (4, 3) and (s.kl[:, -1] == 0).all() and (s.kl >= -1e-7).all() and s.images == 24
+    with torch.no_grad():
+        ref = torch.log_softmax(set_bits(r8, 8)(x), -1)
+        low = torch.log_softmax(set_bits(r8, BitPlan((8, 8, 4, 8)))(x), -1)
+    direct = float((ref.exp() * (ref - low)).sum(-1).mean())
+    assert s.kl[2, 0] == pytest.approx(direct, rel=1e-4)
+    assert s.total(BitPlan((8, 8, 4, 6))) == pytest.approx(s.kl[2, 0] + s.kl[3, 1])
+    assert s.kl[:, 0].min() > 1e-4 and (s.kl[:, 0] > s.kl[:, 1]).all()   # lowering further costs more
+    assert np.allclose(Sensitivity.from_dict(s.to_dict()).kl, s.kl)
+
+@pytest.mark.parametrize('seed', range(12))
+def test_knapsack_front_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    U, B = int(rng.integers(2, 6)), int(rng.integers(2, 4))
+    integer = seed % 2 == 0                                                   # integer costs: ties between plans
+    cost = (rng.integers(1, 4, (U, B)) if integer else rng.uniform(0.5, 3, (U, B))).cumsum(1).astype(float)
+    sens = rng.uniform(0, 1, (U, B))[:, ::-1].cumsum(1)[:, ::-1]
+    if seed % 3 == 0: sens = rng.uniform(0, 1, (U, B))                       # not monotone in the bit-width either
+    bits = tuple(range(2, 2 + B))
+    front = pareto_front(cost, sens, bits, const=1.5)
+    plans = list(itertools.product(range(B), repeat=U))
+    total = lambda a, ch: sum(a[k, j] for k, j in enumerate(ch))
+    assert np.all(np.diff(front.cost) > 0) and np.all(np.diff(front.sens) < 0)
+    for budget in np.linspace(1.5 + cost[:, 0].sum(), 1.5 + cost[:, -1].sum() + 1, 9):
+        best = min(total(sens, ch) for ch in plans if 1.5 + total(cost, ch) <= budget + 1e-9)
+        plan, c, s = front.best(budget)
+        ch = [bits.index(b) for b in plan]
+        assert s == pytest.approx(best) and total(sens, ch) == pytest.approx(s) and 1.5 + total(cost, ch) == pytest.approx(c) and c <= budget + 1e-9
+    with pytest.raises(ValueError, match='below the cheapest plan'): front.best(1.5 + cost[:, 0].sum() - 0.1)
+
+def test_random_plans_fit_and_fill_the_budget():
+    rng = np.random.default_rng(0)
+    cost = np.array([[1., 2, 4], [2, 3, 5], [1, 1.5, 2], [3, 4, 6]])
+    for budget in (7, 9.5, 12, 17):
+        for _ in range(20):
+            p = random_plan(cost, (4, 6, 8), budget, rng)
+            ch = [(4, 6, 8).index(b) for b in p]
+            c = cost[np.arange(4), ch].sum()
+            assert c <= budget
+            assert all(c - cost[k, ch[k]] + cost[k, j] > budget for k in range(4) for j in range(ch[k] + 1, 3))   # no raise still fits
+    with pytest.raises(ValueError, match='below the cheapest'): random_plan(cost, (4, 6, 8), 6.9, rng)
+
+def test_budget_grid():
+    assert budget_grid((4, 6, 8), 3) == [5.0, 6.0, 7.0]
+    assert len(budget_grid((6, 7, 8), 8)) == 8 and all(6 < b < 8 for b in budget_grid((6, 7, 8), 8))
+
+def test_mixed_precision_study_rows(r8):
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad(): ref = set_bits(r8, 8)(x).argmax(1)
+    def agree(m):
+        with torch.no_grad(): return float((m(x).argmax(1) == ref).float().mean() * 100)
+    set_bits(r8, 6)
+    out = mixed_precision(r8, x, agree, [5.0, 7.0], n_random=3)
+    rows = out['rows']
+    assert [r['method'] for r in rows] == ['ptmq'] * 3 + (['ptmq_mp'] + ['random_mp'] * 3) * 2
+    assert current_plan(r8) == BitPlan.uniform(r8, 6)                       # left as it was
+    for r in rows:
+        assert set(r) >= {'method', 'w_bits', 'a_bits', 'avg_a_bits', 'bops', 'top1', 'plan'} and len(r['plan']) == 4
+        if r['method'] != 'ptmq': assert r['a_bits'] is None and r['avg_a_bits'] <= r['budget'] + 1e-9
+    assert rows[2]['top1'] == 100.0 and rows[2]['a_bits'] == 8
+    assert set(out['plans']) == {'avg_bits_5', 'avg_bits_7'}
+    with pytest.raises(ValueError, match=r'below the cheapest plan'): mixed_precision(r8, x, agree, [3.5])
+    with pytest.raises(ValueError, match='unknown budget kind'): mixed_precision(r8, x, agree, [5.0], kind='latency')
+    bops = mixed_precision(r8, x, agree, [0.8], kind='bops', n_random=1)
+    full = bops['costs'].bops(BitPlan.uniform(r8, 8))
+    assert all(r['bops'] <= 0.8 * full * (1 + 1e-9) for r in bops['rows'] if r['method'] != 'ptmq')
+
+def test_saved_model_carries_plans_and_sensitivity(r8, tmp_path):
+    r8.plans = {'edge': BitPlan((4, 4, 6, 8)), 'server': BitPlan((8, 8, 6, 6))}
+    r8.sensitivity = sensitivity(r8, torch.randn(8, 3, 32, 32))
+    try:
+        ptmq.save(r8, tmp_path / 'm.safetensors', data_config={'input_size': [3, 32, 32]})
+    finally:
+        del r8.plans, r8.sensitivity
+    meta = ptmq.read_metadata(tmp_path / 'm.safetensors')
+    assert meta['plans'] == {'edge': [4, 4, 6, 8], 'server': [8, 8, 6, 6]}
+    back = ptmq.load(tmp_path / 'm.safetensors')
+    assert back.plans['edge'] == BitPlan((4, 4, 6, 8)) and back.sensitivity.kl.shape == (4, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for p in back.plans.values(): assert torch.equal(set_bits(back, p)(x), set_bits(r8, p)(x))
+    r8.plans = {'bad': [4, 4]}
+    try:
+        with pytest.raises(ValueError, match='one bit-width per switchable unit'): ptmq.save(r8, tmp_path / 'bad.safetensors')
+    finally: del r8.plans
+    assert not (tmp_path / 'bad.safetensors').exists()
+
+def test_export_of_a_plan(r8, tmp_path):
+    from ptmq.export import export_module, export_command
+    plan = BitPlan((4, 8, 6, 4))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(): assert torch.equal(export_module(r8, plan)(x), set_bits(r8, plan)(x))
+    r8.plans = {'mixed 5': plan}
+    try: ptmq.save(r8, tmp_path / 'm.safetensors', data_config={'input_size': [3, 32, 32]})
+    finally: del r8.plans
+    res = export_command(tmp_path / 'm.safetensors', plan='mixed 5')
+    assert res['onnx'].endswith('m_mixed_5.onnx')
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(res['onnx']).metadata_props}
+    assert meta['ptmq.a_bits'] == 'plan 4-8-6-4'
+    with pytest.raises(ValueError, match=r"has no plan 'fast'; its plans: mixed 5"): export_command(tmp_path / 'm.safetensors', plan='fast')
+    with pytest.raises(ValueError, match='exactly one of --bits B and --plan NAME'): export_command(tmp_path / 'm.safetensors', 4, plan='mixed 5')
+
+def _raw(**kw):
+    return {'name': 'x', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/train', 'eval_data': 'builtin:digits/test',
+            'ptmq': {'w_bits': 3, 'groups': {'low': [2], 'mid': [3], 'high': [4]}, 'iters': 10}, **kw}
+
+@pytest.mark.parametrize('section, msg', [
+    ({'budget': 'latency'}, 'budget must be avg_bits or bops'),
+    ({'budgets': [2.5, 5.0]}, r'between the lowest and highest bit-width 2\.\.4'),
+    ({'budgets': 0}, 'positive integer'),
+    ({'budgets': True}, 'positive integer'),
+    ({'budgets': [0.5, 1.5], 'budget': 'bops'}, r'fractions .* in \(0, 1\]'),
+    ({'random_plans': -1}, 'random_plans must be a non-negative integer'),
+    ({'sensitivity_images': 0}, 'sensitivity_images must be a positive integer'),
+    ({'budgetz': [3]}, r"unknown key\(s\) \['budgetz'\]"),
+    ('yes', 'must be a mapping')])
+def test_mixed_precision_params_errors(section, msg):
+    from ptmq.experiment import params_from_dict, ParamsError
+    with pytest.raises(ParamsError, match="key 'mixed_precision': .*" + msg):
+        params_from_dict(_raw(mixed_precision=section), check_paths=False)
+
+def test_mixed_precision_params():
+    from ptmq.experiment import params_from_dict, ParamsError
+    p = params_from_dict(_raw(mixed_precision={'budgets': 3}), check_paths=False)
+    assert p.mixed_precision.budget_list((2, 3, 4)) == [2.5, 3.0, 3.5] and p.to_dict()['mixed_precision']['budgets'] == 3
+    assert params_from_dict(_raw(mixed_precision=True), check_paths=False).mixed_precision.budgets == 8
+    assert params_from_dict(_raw(), check_paths=False).mixed_precision is None
+    with pytest.raises(ParamsError, match='at least two activation bit-widths'):
+        params_from_dict(_raw(mixed_precision={}, ptmq={'w_bits': 3, 'single_bits': 3}), check_paths=False)
+
+def test_model_file_is_checked_before_any_work(r8, tmp_path):
+    from ptmq.experiment import params_from_dict, ParamsError, load_kept
+    with pytest.raises(ParamsError, match="key 'model_file': .*not found"):
+        params_from_dict(_raw(model_file=str(tmp_path / 'none.safetensors')), check_paths=False).check_model_file()
+    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='cifar_resnet8')
+    p = params_from_dict(_raw(model_file=str(tmp_path / 'r8.safetensors')), check_paths=False)
+    with pytest.raises(ParamsError, match=r"holds \{'model': 'cifar_resnet8', 'w_bits': 4, 'a_bits': \[4, 6, 8\]\}, but this experiment is \{'model': 'digits_resnet8'"):
+        p.check_model_file()
