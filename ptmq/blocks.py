@@ -14,7 +14,7 @@ from .fold import fold_bn
 
 # %% auto #0
 __all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'act_quantizers', 'weight_quantizers',
-           'plan_units', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+           'plan_units', 'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -124,9 +124,9 @@ def plan_units(model: nn.Module) -> list[int]:
     if units is None: raise TypeError(f"a per-unit plan needs a QuantModel (with .units), got {type(model).__name__}")
     return [i for i, u in enumerate(units) if any(q.switchable for q in act_quantizers(u))]
 
-def _plan_bits(model: nn.Module, plan) -> list[int]:
+def plan_bits(model: nn.Module, plan, units: list[int] | None = None) -> list[int]:
     "A plan (a list with one bit-width per plan unit, a dict {unit position: bits}, or a `BitPlan`) as a list, checked."
-    units = plan_units(model)
+    units = plan_units(model) if units is None else units
     if isinstance(plan, dict):
         if set(plan) != set(units): raise ValueError(f"a plan as a dict needs exactly the unit positions {units}, got {sorted(plan)}")
         bits = [plan[i] for i in units]
@@ -146,9 +146,9 @@ def set_bits(model: nn.Module, a_bits) -> nn.Module:
         qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [tuple(q.index(b) for b in a_bits) for q in qs]
     else:
-        bits = _plan_bits(model, a_bits)
+        units = plan_units(model)
         qs, idx = [], []
-        for u, b in zip(plan_units(model), bits):
+        for u, b in zip(units, plan_bits(model, a_bits, units)):
             uq = [q for q in act_quantizers(model.units[u]) if q.switchable]
             qs += uq; idx += [q.index(b) for q in uq]
     for q, i in zip(qs, idx): q.idx = i

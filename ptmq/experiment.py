@@ -80,9 +80,7 @@ class MixedPrecisionParams:
         "The budgets: as given, or `budgets` evenly spaced strictly between the lowest and highest bit-width (of the BOPs: as fractions)."
         from ptmq.mixed import budget_grid
         if isinstance(self.budgets, list): return [float(v) for v in self.budgets]
-        if self.budget == 'avg_bits': return budget_grid(a_bits, self.budgets)
-        lo, hi = min(a_bits) / max(a_bits), 1.0
-        return [round(lo + (hi - lo) * (i + 1) / (self.budgets + 1), 4) for i in range(self.budgets)]
+        return budget_grid(a_bits if self.budget == 'avg_bits' else (min(a_bits) / max(a_bits), 1.0), self.budgets)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, a_bits) -> 'MixedPrecisionParams | None':

@@ -115,7 +115,7 @@ def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, 
     proto = prog.model_proto
     for n in proto.graph.node: del n.metadata_props[:]      # the exporter's stack traces and source paths: not part of a deployed model
     meta = getattr(model, 'metadata', None) or {}
-    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(model.w_bits), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else 'plan ' + '-'.join(map(str, bits)),
+    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(model.w_bits), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else _label(bits),
             'ptmq.model': str(meta.get('model') or model.arch), 'ptmq.source_sha256': str(meta.get('tensor_sha256', ''))}
     del proto.metadata_props[:]
     for k, v in info.items(): proto.metadata_props.add(key=k, value=v)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer, WeightQuantizer
-from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, _plan_bits
+from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, plan_bits
 from .mixed import BitPlan, Sensitivity
 from .arch import Architectures, ARCHITECTURES, rebuild, check_rebuild
 
@@ -113,7 +113,7 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     cal, cfg = getattr(model, 'calibration', None), getattr(model, 'config', None)
     old = getattr(model, 'metadata', None) or {}
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
-    plans = {str(k): _plan_bits(model, v) for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
+    plans = {str(k): plan_bits(model, v) for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
     sens = getattr(model, 'sensitivity', None)
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
@@ -203,7 +203,7 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         for l in layers.values(): l.layer.weight.copy_(l.wq.dequantized())
     model.metadata = meta
     try:
-        model.plans = {k: BitPlan(tuple(_plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
+        model.plans = {k: BitPlan(tuple(plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
         model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
     except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
     set_bits(model, meta.get('current_bits') or max(model.a_bits))
