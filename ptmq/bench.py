@@ -186,13 +186,13 @@ def run_benchmark(spec: BenchmarkSpec, model: nn.Module, calib: Tensor, base: PT
                   context: dict[str, Any] | None = None, cache: str | Path | None = None, progress: bool = True,
                   save: Callable[[nn.Module, Path], Any] | None = None, models: str | Path | None = None) -> list[dict[str, Any]]:
     "Run (or reuse from `cache`) every calibration of `spec`; returns one record per run. PTMQ's first-seed models go to `save(model, path)`, under `models` (default: the cache)."
-    from tqdm.auto import tqdm
+    from ptmq.data import progress_bar
     runs, records = spec.runs(), []
     context = {**(context or {}), 'base': base.to_dict(), 'code': code_hash()}
     cache = Path(cache) if cache is not None else None
     if cache is not None: cache.mkdir(parents=True, exist_ok=True)
     spent, fresh = 0.0, 0
-    bar = tqdm(runs, desc='benchmark', unit='run', disable=not progress)
+    bar = progress_bar(runs, progress, desc='benchmark', unit='run')
     folder = Path(models) if models is not None else cache
     if save is not None and folder is None: raise ValueError("saving models needs a folder: pass models= or cache=")
     for i, run in enumerate(bar):

@@ -5,7 +5,7 @@
 # %% ../nbs/04_blocks.ipynb #8d18593e
 from __future__ import annotations
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from .fold import fold_bn
 
 # %% auto #0
 __all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'act_quantizers', 'weight_quantizers',
-           'plan_units', 'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+           'PlanSlot', 'plan_slots', 'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -118,27 +118,36 @@ class QuantSpec:
 def act_quantizers(m: nn.Module) -> list[ActQuantizer]: return [q for q in m.modules() if isinstance(q, ActQuantizer)]
 def weight_quantizers(m: nn.Module) -> list[WeightQuantizer]: return [q for q in m.modules() if isinstance(q, WeightQuantizer)]
 
-def plan_units(model: nn.Module) -> list[int]:
-    "Positions in `model.units` of the units holding a switchable activation quantizer: the entries of a per-unit plan."
-    units = getattr(model, 'units', None)
-    if units is None: raise TypeError(f"a per-unit plan needs a QuantModel (with .units), got {type(model).__name__}")
-    return [i for i, u in enumerate(units) if any(q.switchable for q in act_quantizers(u))]
+class PlanSlot(NamedTuple):
+    "One entry of a mixed-precision plan: a switchable activation quantizer, the position in `model.units` of its unit, its name."
+    unit: int
+    name: str                     # '<unit position>.<path inside the unit>', e.g. '3.body.0.out_q'
+    q: ActQuantizer
 
-def plan_bits(model: nn.Module, plan, units: list[int] | None = None) -> list[int]:
-    "A plan (a list with one bit-width per plan unit, a dict {unit position: bits}, or a `BitPlan`) as a list, checked."
-    units = plan_units(model) if units is None else units
+def plan_slots(model: nn.Module) -> list[PlanSlot]:
+    "The entries of a mixed-precision plan: every switchable activation quantizer of `model`, unit by unit."
+    units = getattr(model, 'units', None)
+    if units is None: raise TypeError(f"a mixed-precision plan needs a QuantModel (with .units), got {type(model).__name__}")
+    return [PlanSlot(i, f'{i}.{n}', q) for i, u in enumerate(units) for n, q in u.named_modules() if isinstance(q, ActQuantizer) and q.switchable]
+
+def plan_bits(model: nn.Module, plan, slots: list[PlanSlot] | None = None) -> list[int]:
+    "A plan (a list with one bit-width per plan slot, a dict {slot name: bits}, or a `BitPlan`) as a list, checked."
+    slots = plan_slots(model) if slots is None else slots
     if isinstance(plan, dict):
-        if set(plan) != set(units): raise ValueError(f"a plan as a dict needs exactly the unit positions {units}, got {sorted(plan)}")
-        bits = [plan[i] for i in units]
+        names = [s.name for s in slots]
+        if set(plan) != set(names):
+            raise ValueError(f"a plan as a dict needs exactly the {len(names)} slot names of plan_slots ({', '.join(names[:3])}, ...); "
+                             f"missing {sorted(set(names) - set(plan))[:3]}, unknown {sorted(set(plan) - set(names))[:3]}")
+        bits = [plan[n] for n in names]
     else: bits = list(plan)
-    if len(bits) != len(units): raise ValueError(f"a plan needs one bit-width per switchable unit ({len(units)}), got {len(bits)}")
+    if len(bits) != len(slots): raise ValueError(f"a plan needs one bit-width per switchable activation quantizer ({len(slots)}), got {len(bits)}")
     bad = [b for b in bits if b not in getattr(model, 'a_bits', ())]
     if bad: raise ValueError(f"plan bit-width(s) {sorted(set(bad))} not calibrated in this model; available: {list(model.a_bits)}")
     return bits
 
 def set_bits(model: nn.Module, a_bits) -> nn.Module:
     """Select activation bit-widths in the switchable quantizers of `model`: an int sets all of them; a tuple runs one batched
-    pass per bit-width; a per-unit plan (list, dict or `BitPlan`, one bit-width per unit of `plan_units`) sets each unit's."""
+    pass per bit-width; a plan (list, dict or `BitPlan`, one bit-width per entry of `plan_slots`) sets each quantizer's."""
     if isinstance(a_bits, int):
         qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [q.index(a_bits) for q in qs]
@@ -146,11 +155,8 @@ def set_bits(model: nn.Module, a_bits) -> nn.Module:
         qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [tuple(q.index(b) for b in a_bits) for q in qs]
     else:
-        units = plan_units(model)
-        qs, idx = [], []
-        for u, b in zip(units, plan_bits(model, a_bits, units)):
-            uq = [q for q in act_quantizers(model.units[u]) if q.switchable]
-            qs += uq; idx += [q.index(b) for q in uq]
+        slots = plan_slots(model)
+        qs, idx = [s.q for s in slots], [s.q.index(b) for s, b in zip(slots, plan_bits(model, a_bits, slots))]
     for q, i in zip(qs, idx): q.idx = i
     return model
 

@@ -9,15 +9,16 @@ from pathlib import Path
 import torch
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Subset
+from typing import Iterable, TextIO
 from torchvision import datasets, transforms
-from tqdm.auto import tqdm
 from .models import model_spec, TORCHVISION_MODELS, torchvision_weights, is_weights_tag
 
 log = logging.getLogger('ptmq')
 
 # %% auto #0
 __all__ = ['log', 'WNID', 'torchvision_data_config', 'data_config', 'transform_from_config', 'model_transform', 'image_folder',
-           'seeded_subset', 'calibration_images', 'make_toy_folder', 'match_labels', 'evaluate', 'preload']
+           'seeded_subset', 'calibration_images', 'make_toy_folder', 'match_labels', 'progress_bar', 'fair_threads',
+           'evaluate', 'preload']
 
 # %% ../nbs/03_data.ipynb #219d67f8
 def torchvision_data_config(name: str, weights: str | None = None) -> dict:
@@ -106,16 +107,42 @@ def match_labels(ds: datasets.ImageFolder, num_outputs: int) -> datasets.ImageFo
                          "order cannot be the model's classes; evaluate on one folder per model class (ImageNet models: folders named by wnid)")
     return ds
 
+# %% ../nbs/03_data.ipynb #29818a27
+def progress_bar(iterable: Iterable | None = None, progress: bool | TextIO = False, **kw):
+    "A tqdm bar over `iterable`: none if `progress` is false, tqdm's automatic kind if true, a text bar written to `progress` if it is a file."
+    if hasattr(progress, 'write'):
+        from tqdm.std import tqdm
+        return tqdm(iterable, file=progress, mininterval=1.0, dynamic_ncols=False, ncols=100, **kw)
+    from tqdm.auto import tqdm
+    return tqdm(iterable, disable=not progress, **kw)
+
+# %% ../nbs/03_data.ipynb #65a4473c
+def fair_threads(registry: str | os.PathLike | None = None, threads: int | None = None) -> int:
+    """Set torch's CPU threads to this run's share of `threads` (default `$PTMQ_THREADS`) among the live runs registered in
+    `registry` (default `$PTMQ_RUNS`: files `<pid>.run`); a file whose process is gone is removed. Returns the thread count."""
+    registry = registry or os.environ.get('PTMQ_RUNS')
+    if not registry: return torch.get_num_threads()
+    threads = threads or int(os.environ.get('PTMQ_THREADS') or 0) or torch.get_num_threads()
+    live = 0
+    for f in Path(registry).glob('*.run'):
+        try: os.kill(int(f.stem), 0); live += 1
+        except PermissionError: live += 1                                   # alive, another user's
+        except (ValueError, ProcessLookupError): f.unlink(missing_ok=True)  # a run that ended without cleaning up
+    n = max(1, threads // max(1, live))
+    if n != torch.get_num_threads(): torch.set_num_threads(n)
+    return n
+
 # %% ../nbs/03_data.ipynb #92e3421c
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int = 500, device: str | torch.device | None = None,
              workers: int = 0, progress: bool = False, desc: str = 'eval') -> float:
     "Top-1 accuracy (%) of `model` on `data` (a data set of (image, label) or a DataLoader), on `device` (default: where the model's parameters are)."
     if device is None: device = next(iter(model.parameters()), torch.empty(0)).device
+    if torch.device(device).type == 'cpu': fair_threads()
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, num_workers=workers)
     model.eval()
     correct = total = 0
-    for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for x, y in progress_bar(loader, progress, desc=desc, leave=False):
         pred = model(x.to(device)).argmax(1).cpu()
         correct += (pred == y).sum().item(); total += len(y)
     if total == 0: raise ValueError("evaluation data set is empty")

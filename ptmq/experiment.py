@@ -194,6 +194,9 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         if k not in known: raise ParamsError(f"{source}: unknown key {k!r}; known keys: {', '.join(sorted(known))}")
     for k in ('name', 'model'):
         if not raw.get(k): raise ParamsError(f"{source}: key {k!r} is required")
+    if not isinstance(raw['name'], str) or not re.fullmatch(r'[A-Za-z0-9][A-Za-z0-9._-]*', raw['name']) or '..' in raw['name']:
+        raise ParamsError(f"{source}: key 'name': {raw['name']!r} is not a plain name; it becomes the folder reports/<name>/, so use "
+                          "letters, digits, '.', '_' and '-' only, starting with a letter or digit (no path separator, no '..')")
     from ptmq.models import MODELS, TORCHVISION_MODELS, is_weights_tag, torchvision_weights, WeightsError
     if raw['model'] not in MODELS: raise ParamsError(f"{source}: key 'model': unknown model {raw['model']!r}; choose one of {', '.join(MODELS)}")
     if is_weights_tag(raw.get('weights')):

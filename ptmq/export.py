@@ -79,7 +79,7 @@ def _safe_tag(name: str) -> str: return re.sub(r'[^A-Za-z0-9_.-]+', '_', name)
 def _label(bits) -> str: return f'A{bits}' if isinstance(bits, int) else f"plan {'-'.join(map(str, bits))}"
 
 def export_module(model: QuantModel, bits) -> nn.Module:
-    "A copy of `model` at activation bit-width `bits` (or a per-unit plan, [18_mixed](18_mixed.ipynb)) made of QDQ and DequantWeight modules."
+    "A copy of `model` at activation bit-width `bits` (or a mixed-precision plan, [18_mixed](18_mixed.ipynb)) made of QDQ and DequantWeight modules."
     if isinstance(bits, int) and bits not in model.a_bits: raise ValueError(f"bit-width {bits} is not calibrated in this model; available: {list(model.a_bits)}")
     out = set_bits(copy.deepcopy(model).cpu().eval(), bits)
     for m in list(out.modules()):
@@ -103,7 +103,7 @@ def _input_size(model: QuantModel, input_size: Sequence[int] | None) -> tuple[in
 
 def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, bits, input_size: Sequence[int] | None = None,
                 opset: int = 18) -> Path:
-    "Write `model` (or the model file `model`) at activation bit-width `bits` (or a per-unit plan) as an ONNX graph in QDQ form."
+    "Write `model` (or the model file `model`) at activation bit-width `bits` (or a mixed-precision plan) as an ONNX graph in QDQ form."
     import onnx
     if not isinstance(model, QuantModel): model = load(model)
     path = Path(path)
@@ -160,7 +160,7 @@ def check_onnx(model: QuantModel, onnx_path: str | os.PathLike, bits: int, data,
                latency_images: int = 32, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
     "PyTorch against onnxruntime at `bits` on `data` (a data set of (image, label)): top-1, agreement, largest logit difference, latency."
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    from ptmq.data import progress_bar
     sessions = {'': _session(onnx_path, threads, exact=True), '_default': _session(onnx_path, threads)}
     name = sessions[''].get_inputs()[0].name
     m = set_bits(copy.deepcopy(model).cpu().eval(), bits)
@@ -168,7 +168,7 @@ def check_onnx(model: QuantModel, onnx_path: str | os.PathLike, bits: int, data,
     right, agree, close = (dict.fromkeys(sessions, 0) for _ in range(3))
     worst = dict.fromkeys(sessions, 0.0)
     alt_close, alt_agree = 0, 0
-    for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=f'ONNX check {_label(bits)}', disable=not progress, leave=False):
+    for x, y in progress_bar(DataLoader(data, batch_size=batch_size), progress, desc=f'ONNX check {_label(bits)}', leave=False):
         lt = m(x); pt = lt.argmax(1)
         right_t += (pt == y).sum().item(); n += len(y)
         la = without_onednn(m, x)                      # the model against itself, with other float sums

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 import torch
 from torch import nn, Tensor
-from tqdm.auto import tqdm
+from .data import progress_bar, fair_threads
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
 from .blocks import QuantModel, act_quantizers, weight_quantizers, set_bits, quant_state
 from .arch import quantize_model
@@ -219,6 +219,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
         (loss + rterm).backward()
         for o in opts: o.step()
         if sched is not None: sched.step()
+        if it % every == 0 and dev.type == 'cpu': fair_threads()   # this run's share of the cores, when ptmq run shares them
         if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
             history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),
                             'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
@@ -245,7 +246,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds, loop_seconds, stores = [], [], [], set()
-    with tqdm(total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', disable=not progress or total == 0, unit='it') as bar:
+    with progress_bar(None, progress if total else False, total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', unit='it') as bar:
         for k, unit in enumerate(units):
             t0 = time.perf_counter()
             bar.set_postfix_str(f'unit {k + 1}/{len(units)} {type(unit).__name__}')

@@ -141,7 +141,7 @@ def test_run_benchmark_times_evaluates_caches_and_resumes(tmp_path, monkeypatch)
 
 def test_benchmark_through_the_pipeline(tmp_path, monkeypatch):
     "`ptmq run` of a benchmark params file: results.json rows carry top1, top1_std, seeds, calib_seconds; plots written."
-    from ptmq.cli import run
+    from ptmq.runner import run
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=3', 'calib_images=64', 'eval_images=90',
               'benchmark.seeds=[0, 1]', 'benchmark.settings=[{methods: [rtn, qdrop, ptmq, ptmq_no_mfm]}]',

@@ -5,7 +5,7 @@ from ptmq.recon import PTMQConfig, ptmq
 from ptmq.mfm import BitGroups
 from ptmq.models import create_model
 from ptmq.blocks import set_bits
-from ptmq.cli import write_index
+from ptmq.reports import write_index
 from conftest import REPO
 
 def test_device_selection(monkeypatch):

@@ -5,7 +5,9 @@ import pytest
 import yaml
 from conftest import REPO
 from ptmq.experiment import load_params, ParamsError, parse_overrides, expand, work_from_repo_root
-from ptmq.cli import run, run_all, is_done, main, write_index
+from ptmq.runner import run, run_all, is_done
+from ptmq.cli import main
+from ptmq.reports import write_index
 
 DEFAULT = REPO / 'params' / 'default.yaml'
 
@@ -39,6 +41,18 @@ def test_schema_errors_name_file_key_and_fix(write, change, pattern, monkeypatch
     with pytest.raises(ParamsError, match=pattern) as e: load_params(f)
     assert str(f) in str(e.value)
 
+@pytest.mark.parametrize('name', ['../evil', 'a/b', 'a\\b', '..', '.hidden', 'x..y', '/abs', 'tab\tname', 'ünï', 42])
+def test_run_names_are_plain_names_checked_before_any_work(write, name, monkeypatch, tmp_path):
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    with pytest.raises(ParamsError, match=r"key 'name': .* is not a plain name; .*no path separator, no '\.\.'"): load_params(write({**BASE, 'name': name}))
+    reports = tmp_path / 'reports'
+    assert main(['run', str(write({**BASE, 'name': name})), '--reports', str(reports)]) == 2 and not reports.exists()
+    with pytest.raises(ParamsError, match='not a plain name'): load_params(write(BASE), ['name=../x'])   # an override is checked too
+
+def test_plain_names_pass(write, monkeypatch, tmp_path):
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    for name in ('cifar10_resnet20_w4', 'bench-1.2', 'A0'): assert load_params(write({**BASE, 'name': name})).name == name
+
 def test_overrides_env_defaults_and_missing_file(write, monkeypatch, tmp_path):
     monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     v1 = load_params(write({**BASE, 'model': 'resnet50', 'weights': 'IMAGENET1K_V1'}))       # a weight set's name is no file to check
@@ -65,7 +79,7 @@ def pipeline(tmp_path_factory):
     old = os.environ.get('PTMQ_CACHE'); os.environ['PTMQ_CACHE'] = str(tmp / 'cache')
     try:
         reports = tmp / 'reports'
-        out = run(DEFAULT, ['ptmq.iters=3', 'calib_images=128'], reports)
+        out = run(DEFAULT, ['ptmq.iters=3', 'calib_images=128'], reports, threads=1)
         yield reports, out
     finally:
         if old is None: os.environ.pop('PTMQ_CACHE', None)
@@ -79,6 +93,7 @@ def test_papermill_run_produces_every_report_file(pipeline):
     r = json.loads((out / 'results.json').read_text())
     assert {'name', 'model', 'dataset', 'fp32_top1', 'results', 'calibration', 'params', 'version', 'git_commit'} <= set(r)
     assert {'images', 'iters_per_block', 'seconds', 'device'} <= set(r['calibration'])
+    assert r['calibration']['threads'] == 1                                    # threads=1 reached the kernel (OMP_NUM_THREADS)
     assert r['calibration']['images'] == 128 and r['calibration']['iters_per_block'] == 3
     rows = {(x['method'], x['a_bits']) for x in r['results']}
     assert {('ptmq', 2), ('ptmq', 3), ('ptmq', 4), ('rtn', 2), ('fp32', 32)} <= rows
@@ -87,6 +102,59 @@ def test_papermill_run_produces_every_report_file(pipeline):
     assert 'default_digits_resnet8_w3/report.html' in index and '| W3A2 |' in index
     assert (reports / 'summary.png').is_file()
     assert not list(reports.glob('.*running*'))
+
+def test_report_html_hides_code_and_opens_with_name_and_results(pipeline):
+    "report.html: no code cell inputs, no raw front matter; the experiment's name, model and results table first; parameters last."
+    import re
+    _, out = pipeline
+    html = (out / 'report.html').read_text()
+    body = html[html.index('<body'):]
+    assert 'class="highlight' not in body and 'jp-InputPrompt' not in body and 'skip_exec' not in body
+    assert 'import logging' not in body and 'load_params(' not in body                 # template code is not shown
+    text = re.sub(r'\s+', ' ', re.sub(r'<[^>]+>', ' ', re.sub(r'<(style|script).*?</\1>', '', body, flags=re.S)))
+    first = text.index('default_digits_resnet8_w3')
+    assert first < text.index('digits_resnet8 on digits') < text.index('round-to-nearest') < text.index('PTMQ (this run)') < text.index('Model and data')
+    assert body.index('<table') < body.index('Model and data')                        # the first table is the results table
+    assert body.index('<img') < body.index('Model and data')                          # and the main plot comes with it
+    assert text.rindex('ptmq.iters') > text.index('Loss curves') and 'skip_exec' not in text
+    # the notebook beside it keeps every cell, code included
+    assert 'load_params(' in (out / 'report.ipynb').read_text()
+
+def test_run_shows_the_notebook_progress_on_the_terminal(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    out = run(DEFAULT, ['ptmq.iters=2', 'calib_images=64', 'deploy.onnx=false', 'rtn=false'], tmp_path / 'reports', progress=True, threads=1, index=False)
+    err = capfd.readouterr().err
+    assert 'PTMQ:' in err and 'unit 1/5' in err and '100/100' not in err and '10/10' in err      # 5 units x 2 iterations
+    assert 'PTMQ W3A2' in err                                                           # the evaluations too
+    assert not (out / 'progress.log').exists()
+
+def test_kernel_env_sets_threads_and_passive_waiting_then_restores(monkeypatch):
+    from ptmq.runner import kernel_env, cores
+    monkeypatch.setenv('OMP_NUM_THREADS', '7'); monkeypatch.delenv('OMP_WAIT_POLICY', raising=False)
+    with kernel_env(3, {'X_PTMQ': '1'}):
+        assert os.environ['OMP_NUM_THREADS'] == '3' and os.environ['MKL_NUM_THREADS'] == '3' and os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'
+        assert os.environ['X_PTMQ'] == '1'
+    assert os.environ['OMP_NUM_THREADS'] == '7' and 'OMP_WAIT_POLICY' not in os.environ and 'X_PTMQ' not in os.environ
+    with pytest.raises(ValueError, match='at least 1'):
+        with kernel_env(0): pass
+    assert 1 <= cores() <= (os.cpu_count() or 1)
+
+def test_fair_threads_shares_the_cores_among_live_runs(tmp_path, monkeypatch):
+    import torch
+    from ptmq.data import fair_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv('PTMQ_RUNS', raising=False)
+        assert fair_threads() == before                                         # outside ptmq run: nothing changes
+        (tmp_path / f'{os.getpid()}.run').touch()
+        assert fair_threads(tmp_path, 4) == 4 and torch.get_num_threads() == 4
+        (tmp_path / f'{os.getppid()}.run').touch(); (tmp_path / '999999999.run').touch()   # another live run, and a dead one
+        assert fair_threads(tmp_path, 4) == 2 and torch.get_num_threads() == 2 and not (tmp_path / '999999999.run').exists()
+        assert fair_threads(tmp_path, 1) == 1                                   # never below one thread
+        monkeypatch.setenv('PTMQ_RUNS', str(tmp_path)); monkeypatch.setenv('PTMQ_THREADS', '6')
+        (tmp_path / f'{os.getppid()}.run').unlink()
+        assert fair_threads() == 6                                              # the other run ended: the share comes back
+    finally: torch.set_num_threads(before)
 
 def test_the_run_keeps_a_model_that_loads_and_scores_what_the_report_says(pipeline):
     "`ptmq run` writes model.safetensors; ptmq.load reads it back and scores, at every bit-width, exactly the report's PTMQ top-1."
