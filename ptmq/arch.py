@@ -228,15 +228,15 @@ def register_architecture(name: str, matches, units: Callable, config: Callable,
 # %% ../nbs/14_architectures.ipynb #7806630f
 def quantize_model(model: nn.Module, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8,
                    head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True,
-                   arch: str | Architecture | None = None, registry: Architectures | None = None) -> QuantModel:
+                   arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last') -> QuantModel:
     "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is)."
     registry = registry if registry is not None else ARCHITECTURES
     a = arch if isinstance(arch, Architecture) else (registry.find(model) if arch is None else registry[arch])
-    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul)
+    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q)
     model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
     try: config, why = a.config(model), None
     except Exception as e: config, why = None, f"{type(e).__name__}: {e}"
-    qm = QuantModel(a.units(model, s), s.a_bits, w_bits, arch=a.name, arch_config=config, spec=s).eval()
+    qm = QuantModel(s.finish(a.units(model, s)), s.a_bits, w_bits, arch=a.name, arch_config=config, spec=s).eval()
     qm.arch_config_error = why
     return qm
 
@@ -245,6 +245,7 @@ def rebuild(arch: str, config: dict, spec: dict, device: str | torch.device = 'c
     "A quantized model of architecture `arch` built from `config` and the `QuantSpec` fields `spec` (random float weights)."
     a = (registry if registry is not None else ARCHITECTURES)[arch]
     s = {k: spec[k] for k in ('w_bits', 'a_bits', 'first_last_w_bits', 'head_a_bits', 'quant_attn_matmul')}
+    s['head_q'] = spec.get('head_q', 'pooled')      # files written before head_q existed were all 'pooled'
     with torch.device(device):
         float_model = a.build(config)
         return quantize_model(float_model, **s, observer='minmax', arch=a)   # minmax: values are replaced anyway

@@ -13,8 +13,9 @@ from .quant import ActQuantizer, WeightQuantizer
 from .fold import fold_bn
 
 # %% auto #0
-__all__ = ['QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'act_quantizers', 'weight_quantizers',
-           'PlanSlot', 'plan_slots', 'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+__all__ = ['HEAD_QUANT', 'QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'hold_last_activation',
+           'act_quantizers', 'weight_quantizers', 'PlanSlot', 'plan_slots', 'plan_bits', 'set_bits', 'set_weight_mode',
+           'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -91,12 +92,17 @@ class QuantModel(nn.Module):
         return x
 
 # %% ../nbs/04_blocks.ipynb #e6fec187
+HEAD_QUANT = ('last', 'pooled')
+
 class QuantSpec:
-    "Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer."
+    """Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer.
+    `head_q='last'` (QDrop's setting) holds the last activation quantizer before the classifier at `head_a_bits`;
+    `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`."""
     def __init__(self, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
-                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True):
+                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last'):
+        if head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {head_q!r}")
         self.w_bits, self.a_bits, self.first_last_w_bits, self.head_a_bits = w_bits, tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
-        self.observer, self.p, self.quant_attn_matmul = observer, p, quant_attn_matmul
+        self.observer, self.p, self.quant_attn_matmul, self.head_q = observer, p, quant_attn_matmul, head_q
     def aq(self) -> ActQuantizer: return ActQuantizer(self.a_bits)
     def layer(self, conv, bn=None, act=None, out_q: bool = False, w_bits: int | None = None) -> QuantLayer:
         "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`."
@@ -108,10 +114,25 @@ class QuantSpec:
     def to_dict(self) -> dict:
         "What a saved model needs to rebuild its quantizers (the observer only sets initial values, so it is not needed)."
         return {'w_bits': self.w_bits, 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
-                'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul}
+                'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
                                     observer=self.observer, p=self.p), pool)
+    def finish(self, units: list[nn.Module]) -> list[nn.Module]:
+        "The units as this spec quantizes them: with `head_q='last'`, `hold_last_activation` on them."
+        if self.head_q == 'last': hold_last_activation(units, self.head_a_bits)
+        return units
+
+def hold_last_activation(units: Sequence[nn.Module], bits: int = 8) -> ActQuantizer | None:
+    """QDrop's setting (`a_list[-1].set_bit(8)`): the output quantizer of the unit before the head becomes a fixed `bits`-bit one,
+    and the head's own input quantizer goes. Nothing changes (None) when that unit's output is not quantized, as in a ViT whose
+    blocks end on the float residual stream: there the classifier's input quantizer is already the last one."""
+    if len(units) < 2: return None
+    prev, fc = units[-2], getattr(units[-1], 'fc', None)
+    q = getattr(prev, 'out_q', None)
+    if not isinstance(q, ActQuantizer) or not isinstance(fc, QuantLayer) or fc.in_q is None: return None
+    prev.out_q, fc.in_q = ActQuantizer((bits,), switchable=False), None
+    return prev.out_q
 
 
 # %% ../nbs/04_blocks.ipynb #d7e5fe6a

@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 # %% ../nbs/09_cli.ipynb #339aa255
 #| eval: false
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())   # not when a notebook runs this cell

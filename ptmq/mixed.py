@@ -60,7 +60,7 @@ class PlanCosts:
     "The cost terms of a model's plans: per plan slot, activation elements per image and sum of MACs x weight bits it feeds."
     elems: np.ndarray            # [U] activation elements per image each slot's quantizer quantizes
     wmacs: np.ndarray            # [U] sum, over the conv/linear layers whose input a slot's quantizer produces, of MACs x weight bits
-    fixed_bops: float            # BOPs of the layers whose input has a fixed bit-width (the image, the 8-bit classifier input)
+    fixed_bops: float            # BOPs of the layers whose input has a fixed bit-width (the image, the 8-bit last activation)
     layers: list[dict]           # per layer: name, macs, w_bits, input ('slot k', 'fixed 8-bit', 'image')
 
     def avg_bits(self, plan) -> float:
@@ -94,8 +94,10 @@ def plan_costs(model: QuantModel, x: Tensor) -> PlanCosts:
     def q_hook(q, inp, out):
         keep.append(out); made[id(out)] = q
         if q.switchable and q.enabled: elems[owner[id(q)]] += out[0].numel()
+    head_fc = getattr(model.units[-1], 'fc', None)
     def l_hook(l, inp, out):
         src = l.in_q if l.in_q is not None else made.get(id(inp[0]))
+        if src is None and l is head_fc and keep: src = made[id(keep[-1])]   # head_q='last': the pooled output of the last quantizer
         if src is None and inp[0] is x: source, bits = 'image', 8
         elif src is None: raise RuntimeError(f"cannot tell which quantizer feeds {names[l]}: its input is not a quantizer's output")
         elif not src.enabled: source, bits = 'float', 32

@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['OBSERVERS', 'round_ste', 'grad_scale', 'fake_quant', 'qparams', 'minmax_qparams', 'mse_qparams', 'observe',
-           'WeightQuantizer', 'lsq_quant', 'ActQuantizer']
+__all__ = ['OBSERVERS', 'round_ste', 'grad_scale', 'fake_quant', 'qparams', 'minmax_qparams', 'mse_qparams', 'mse_grid_qparams',
+           'observe', 'WeightQuantizer', 'lsq_quant', 'ActQuantizer']
 
 # %% ../nbs/00_quantizers.ipynb #f99ef72e
 def round_ste(x: Tensor) -> Tensor:
@@ -63,13 +63,34 @@ def mse_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0,
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
     return best_s, best_z
 
-OBSERVERS = {'minmax': minmax_qparams, 'mse': mse_qparams}
+@torch.no_grad()
+def mse_grid_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0, grid: int = 100) -> tuple[Tensor, Tensor]:
+    """QDrop's MSE search: on a tensor of one sign the ranges of `mse_qparams` (from 0); on a two-signed one every pair of a
+    step `(hi - lo) * i / grid / (2^bits - 1)`, i = 1..grid, and a zero point `0..2^bits - 1` (per row when `per_channel`)."""
+    if bool((x >= 0).all()) or bool((x <= 0).all()): return mse_qparams(x, bits, per_channel, p, grid)
+    lo, hi = _range(x, per_channel)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    qmax, e = 2 ** bits - 1, torch.empty_like(x)
+    best_s, best_z = qparams(lo, hi, bits)
+    best_err = torch.full_like(lo, float('inf'))
+    for i in range(1, grid + 1):
+        s = torch.clamp((hi - lo) * (i / grid) / qmax, min=1e-8)
+        sb = s[:, None] if per_channel else s
+        for zp in range(qmax + 1):
+            torch.div(x, sb, out=e).round_().add_(zp).clamp_(0, qmax).sub_(zp).mul_(sb).sub_(x).abs_().pow_(p)
+            err = e.mean(dim=1) if per_channel else e.mean()
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, torch.full_like(best_z, float(zp)), best_z)
+    return best_s, best_z
+
+OBSERVERS = {'minmax': minmax_qparams, 'mse': mse_qparams, 'mse_grid': mse_grid_qparams}
 
 def observe(x: Tensor, bits: int, observer: str = 'mse', per_channel: bool = False, p: float = 2.0) -> tuple[Tensor, Tensor]:
-    "Step and zero point of `x` at `bits` with the named observer (`'mse'` or `'minmax'`)."
+    "Step and zero point of `x` at `bits` with the named observer (`'mse'`, `'mse_grid'` or `'minmax'`)."
     if observer not in OBSERVERS: raise ValueError(f"unknown observer {observer!r}; choose one of {sorted(OBSERVERS)}")
-    if observer == 'mse': return mse_qparams(x, bits, per_channel, p=p)
-    return minmax_qparams(x, bits, per_channel)
+    if observer == 'minmax': return minmax_qparams(x, bits, per_channel)
+    return OBSERVERS[observer](x, bits, per_channel, p=p)
 
 # %% ../nbs/00_quantizers.ipynb #69d1d0cd
 class WeightQuantizer(nn.Module):
@@ -175,6 +196,7 @@ class ActQuantizer(nn.Module):
         self._idx_tensors: dict = {}
         self.enabled = True
         self.observer: tuple[str, float] | None = None
+        self.drop, self.drop_gen = 0.0, None   # QDrop inside a unit under reconstruction: float elements with probability `drop`
 
     def index(self, bits: int) -> int:
         "Position of bit-width `bits` in this quantizer's steps."
@@ -204,13 +226,17 @@ class ActQuantizer(nn.Module):
             self.init_from(x, *self.observer); self.observer = None
         if isinstance(self.idx, int):
             i = self.idx
-            return lsq_quant(x, self.scale[i], self.zero_point[i], self.qmax[i], 1.0 / math.sqrt(x.numel() * (2 ** self.bits[i] - 1)))
-        key = (self.idx, x.device)
-        if key not in self._idx_tensors: self._idx_tensors[key] = torch.tensor(self.idx, device=x.device)  # made once, not per step
-        idx = self._idx_tensors[key]
-        xg = x.reshape(len(self.idx), -1)
-        qmax = self.qmax[idx][:, None]
-        return lsq_quant(xg, self.scale[idx][:, None], self.zero_point[idx][:, None], qmax, 1.0 / torch.sqrt(xg.shape[1] * qmax)).reshape(x.shape)
+            q = lsq_quant(x, self.scale[i], self.zero_point[i], self.qmax[i], 1.0 / math.sqrt(x.numel() * (2 ** self.bits[i] - 1)))
+        else:
+            key = (self.idx, x.device)
+            if key not in self._idx_tensors: self._idx_tensors[key] = torch.tensor(self.idx, device=x.device)  # made once, not per step
+            idx = self._idx_tensors[key]
+            xg = x.reshape(len(self.idx), -1)
+            qmax = self.qmax[idx][:, None]
+            q = lsq_quant(xg, self.scale[idx][:, None], self.zero_point[idx][:, None], qmax, 1.0 / torch.sqrt(xg.shape[1] * qmax)).reshape(x.shape)
+        if self.drop > 0:          # each element float with probability `drop` (QDrop's drop_prob is the other way round: P(quantized))
+            q = torch.where(torch.rand(x.shape, generator=self.drop_gen, device=x.device) < self.drop, x, q)
+        return q
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, current={self.current_bits}" + ("" if self.switchable else ", fixed")

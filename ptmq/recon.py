@@ -12,7 +12,7 @@ import torch
 from torch import nn, Tensor
 from .data import progress_bar, fair_threads
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
-from .blocks import QuantModel, act_quantizers, weight_quantizers, set_bits, quant_state
+from .blocks import QuantModel, HEAD_QUANT, act_quantizers, weight_quantizers, set_bits, quant_state
 from .arch import quantize_model
 from .mfm import BitGroups, MultiBitFeatureMixer, MFM_MODES
 from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
@@ -30,6 +30,7 @@ class PTMQConfig:
     groups: BitGroups = field(default_factory=BitGroups)
     first_last_w_bits: int = 8
     head_a_bits: int = 8
+    head_q: str = 'last'
     iters: int = 20000
     batch_size: int = 32
     lr_alpha: float = 1e-3
@@ -40,12 +41,15 @@ class PTMQConfig:
     mfm: str = 'mix'
     mix_lambdas: tuple[float, float, float] = (1/3, 1/3, 1/3)
     drop_prob: float = 0.5
+    block_drop: bool | None = None
     gd_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     gd_fp: str = 'mix'
     detach_teacher: bool = True
-    observer: str = 'mse'
-    observer_p: float = 2.0
+    observer: str = 'mse_grid'
+    a_observer: str = 'mse'
+    observer_p: float = 2.4
     observe_images: int = 256
+    observe_on: str = 'float'
     batched_bits: bool | None = None
     cache: str = 'auto'
     amp: bool = False
@@ -69,7 +73,11 @@ class PTMQConfig:
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1")
         if self.mfm not in MFM_MODES: raise ValueError(f"mfm must be one of {MFM_MODES}, got {self.mfm!r}")
         if self.gd_fp not in FP_TERMS: raise ValueError(f"gd_fp must be one of {FP_TERMS}, got {self.gd_fp!r}")
-        if self.observer not in OBSERVERS: raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {self.observer!r}")
+        if self.head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {self.head_q!r}")
+        if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
+        if self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true or false, got {self.block_drop!r}")
+        for name in ('observer', 'a_observer'):
+            if getattr(self, name) not in OBSERVERS: raise ValueError(f"{name} must be one of {sorted(OBSERVERS)}, got {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1: raise ValueError("warmup must be in [0, 1)")
         if self.cache not in ('auto', 'device', 'host'): raise ValueError(f"cache must be auto, device or host, got {self.cache!r}")
         if self.device not in ('auto', 'cpu') and not self.device.startswith('cuda'): raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -78,6 +86,12 @@ class PTMQConfig:
 
     @property
     def a_bits(self) -> tuple[int, ...]: return (self.single_bits,) if self.single_bits is not None else self.groups.all_bits
+
+    @property
+    def drop_in_block(self) -> float:
+        "The float probability of the activation quantizers inside the unit under reconstruction (0: none). `block_drop=None`: QDrop's rule for single-bit runs (on), off for PTMQ."
+        on = self.block_drop if self.block_drop is not None else self.single_bits is not None
+        return self.drop_prob if on else 0.0
 
     def resolved_device(self) -> torch.device:
         return torch.device('cuda' if self.device == 'auto' and torch.cuda.is_available() else ('cpu' if self.device == 'auto' else self.device))
@@ -142,16 +156,31 @@ def _gather(t: Tensor, idx: Tensor, dev: torch.device) -> Tensor:
     out = torch.empty((len(idx),) + tuple(t.shape[1:]), dtype=t.dtype, pin_memory=t.is_pinned())
     return _to(torch.index_select(t, 0, idx, out=out), dev)
 
-def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig, dev: torch.device) -> None:
-    "Initialise the unit's activation steps at every bit-width from its quantized inputs (highest bit-width first)."
+def _observe(unit: nn.Module, xs: dict[int, Tensor], cfg: PTMQConfig, dev: torch.device, x_fp: Tensor | None = None) -> None:
+    "Initialise the unit's activation steps at every bit-width: from its quantized inputs (highest bit-width first), or from the float unit on `x_fp`."
     qs = act_quantizers(unit)
     if not qs: return
+    if cfg.observe_on == 'float': return _observe_float(unit, qs, x_fp, cfg, dev)
     for b in sorted(xs, reverse=True):
         set_bits(unit, b)
         for q in qs:
-            if q.switchable or b == max(xs): q.observer = (cfg.observer, cfg.observer_p)
+            if q.switchable or b == max(xs): q.observer = (cfg.a_observer, cfg.observer_p)
         _run(unit, xs[b][:cfg.observe_images], chunk=cfg.observe_images, dev=dev, store=dev)
         for q in qs: q.observer = None
+
+def _observe_float(unit: nn.Module, qs: list[ActQuantizer], x_fp: Tensor, cfg: PTMQConfig, dev: torch.device) -> None:
+    "Every step of every quantizer of the unit from what the quantizer sees in the float unit on the float input."
+    seen: dict[ActQuantizer, Tensor] = {}
+    hooks = [q.register_forward_hook(lambda m, a, out: seen.__setitem__(m, a[0])) for q in qs]
+    try:
+        with quant_state(unit, weights=False, acts=False): _run(unit, x_fp[:cfg.observe_images], chunk=cfg.observe_images, dev=dev, store=dev)
+    finally:
+        for h in hooks: h.remove()
+    for q in qs:
+        idx = q.idx
+        for i in range(len(q.bits)):
+            q.idx = i; q.init_from(seen[q], cfg.a_observer, cfg.observer_p)
+        q.idx = idx
 
 def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
     "One PTMQ step's loss: a bit-width per group (drawn on the host), MFM inputs, the unit at low/mid/high bits, GD-Loss."
@@ -184,6 +213,7 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
            gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
+    for q in aqs: q.drop, q.drop_gen = cfg.drop_in_block, dgen          # QDrop inside the unit (0: none); reset below
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
     for q in wqs: q.set_mode('soft')
@@ -225,6 +255,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
                             'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
         bar.update(1)
     for p in alphas + scales: p.requires_grad_(False)
+    for q in aqs: q.drop, q.drop_gen = 0.0, None
     return history
 
 def _sync(dev: torch.device) -> None:
@@ -253,7 +284,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             for q in weight_quantizers(unit): q.set_mode('nearest')
             store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies); stores.add(str(store))
             with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp, dev=dev, store=store)
-            _observe(unit, xs, cfg, dev)
+            _observe(unit, xs, cfg, dev, x_fp)
             _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
                 history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar, dev)
@@ -277,7 +308,7 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul)
+                        cfg.quant_attn_matmul, head_q=cfg.head_q)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm

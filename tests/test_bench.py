@@ -69,8 +69,11 @@ def test_run_config_is_the_method_switch_and_nothing_else():
     assert Run('ptmq_gd_fp_only', 4, g, 0).config(base).gd_weights == (1.0, 0.0, 0.0)
     assert Run('ptmq_teacher_grad', 4, g, 0).config(base).detach_teacher is False
     # apart from the switch, every method gets the same settings
-    common = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('single_bits', 'drop_prob', 'seed', 'mfm', 'gd_weights', 'detach_teacher')}
+    common = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('single_bits', 'drop_prob', 'block_drop', 'seed', 'mfm', 'gd_weights', 'detach_teacher')}
     assert common(q) == common(Run('ptmq', 4, g, 0).config(base))
+    assert q.block_drop is True and q.drop_in_block == 0.5 and Run('qdrop_input_only', 4, g, 0, 4).config(base).drop_in_block == 0.0
+    assert Run('brecq', 4, g, 0, 4).config(base).drop_in_block == 0.0 and Run('ptmq', 4, g, 0).config(base).drop_in_block == 0.0
+    assert Run('ptmq_block_drop', 4, g, 0).config(base).drop_in_block == 0.5
 
 def rec(method, w, seed, top1, seconds, single=None):
     return {'method': method, 'w_bits': w, 'seed': seed, 'single_bits': single, 'seconds': seconds, 'top1': {str(k): v for k, v in top1.items()}}

@@ -42,13 +42,17 @@ def test_wrapping_is_exact_without_quantization_and_close_at_8_bits(name):
     assert cos > 0.98, f"W8A8 output far from float (cosine {cos:.3f})"
     assert sum(isinstance(u, QuantResidualBlock) for u in rtn.units) >= 4
 
-def test_first_last_layers_and_classifier_input_stay_at_8_bits():
-    qm = quantize_model(CifarResNet(20), w_bits=3, a_bits=(3, 4, 8))
+def test_first_last_layers_and_the_last_activation_stay_at_8_bits():
+    qm = quantize_model(CifarResNet(20), w_bits=3, a_bits=(3, 4, 8))            # head_q='last': QDrop's setting
     stem, head = qm.units[0][0], qm.units[-1]
     assert stem.wq.bits == 8 and head.fc.wq.bits == 8 and qm.units[1].body[0].wq.bits == 3
-    assert head.fc.in_q.bits == (8,) and not head.fc.in_q.switchable
+    assert qm.units[-2].out_q.bits == (8,) and not qm.units[-2].out_q.switchable and head.fc.in_q is None
     set_bits(qm, 3)
-    assert head.fc.in_q.current_bits == 8 and qm.units[1].out_q.current_bits == 3
+    assert qm.units[-2].out_q.current_bits == 8 and qm.units[-2].body[0].out_q.current_bits == 3 and qm.units[1].out_q.current_bits == 3
+    strict = quantize_model(CifarResNet(20), w_bits=3, a_bits=(3, 4, 8), head_q='pooled')
+    set_bits(strict, 3)
+    assert strict.units[-1].fc.in_q.bits == (8,) and not strict.units[-1].fc.in_q.switchable
+    assert strict.units[-1].fc.in_q.current_bits == 8 and strict.units[-2].out_q.current_bits == 3
 
 @pytest.fixture(scope='module')
 def calibrated():

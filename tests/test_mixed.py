@@ -11,7 +11,7 @@ from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_f
                         Sensitivity)
 import ptmq
 
-CFG = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]})
+CFG = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, head_q='pooled')   # every block output switchable: 7 slots
 
 @pytest.fixture(scope='module')
 def r8():
