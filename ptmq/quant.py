@@ -44,6 +44,12 @@ def minmax_qparams(x: Tensor, bits: int, per_channel: bool = False) -> tuple[Ten
     "MinMax observer: the grid spans the whole range of `x` (per row of `x` when `per_channel`)."
     return qparams(*_range(x, per_channel), bits)
 
+def _lp_error(x: Tensor, s: Tensor, z: Tensor | float, qmax: int, p: float, per_channel: bool, e: Tensor) -> Tensor:
+    "Mean `|fake_quant(x) - x|^p` (per row when `per_channel`), op for op in place in the buffer `e` (round_ste's forward is exactly round)."
+    sb, zb = (s[:, None], z[:, None] if isinstance(z, Tensor) else z) if per_channel else (s, z)
+    torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_().pow_(p)
+    return e.mean(dim=1) if per_channel else e.mean()
+
 @torch.no_grad()
 def mse_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0, grid: int = 100) -> tuple[Tensor, Tensor]:
     "MSE observer: the range `[c*lo, c*hi]`, c in (0, 1], with the smallest mean `|x - x_q|^p` (per row when `per_channel`)."
@@ -54,10 +60,7 @@ def mse_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0,
     for i in range(grid, 0, -1):
         c = i / grid
         s, z = qparams(lo * c, hi * c, bits)
-        sb, zb = (s[:, None], z[:, None]) if per_channel else (s, z)
-        # |fake_quant(x) - x|^p, op for op, in place (round_ste's forward is exactly round)
-        torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_().pow_(p)
-        err = e.mean(dim=1) if per_channel else e.mean()
+        err = _lp_error(x, s, z, qmax, p, per_channel, e)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
@@ -75,10 +78,8 @@ def mse_grid_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float =
     best_err = torch.full_like(lo, float('inf'))
     for i in range(1, grid + 1):
         s = torch.clamp((hi - lo) * (i / grid) / qmax, min=1e-8)
-        sb = s[:, None] if per_channel else s
         for zp in range(qmax + 1):
-            torch.div(x, sb, out=e).round_().add_(zp).clamp_(0, qmax).sub_(zp).mul_(sb).sub_(x).abs_().pow_(p)
-            err = e.mean(dim=1) if per_channel else e.mean()
+            err = _lp_error(x, s, float(zp), qmax, p, per_channel, e)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, torch.full_like(best_z, float(zp)), best_z)
