@@ -38,7 +38,7 @@ class PTMQConfig:
     lambda_r: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
-    mfm: str = 'mix'
+    mfm: str = 'none'
     mix_lambdas: tuple[float, float, float] = (1/3, 1/3, 1/3)
     drop_prob: float = 0.5
     block_drop: bool | None = None
@@ -213,7 +213,7 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
            gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
-    for q in aqs: q.drop, q.drop_gen = cfg.drop_in_block, dgen          # QDrop inside the unit (0: none); reset below
+    for q in aqs: q.drop, q.drop_gen = cfg.drop_in_block, dgen          # QDrop inside the unit (0: none); reset in `finally`
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
     for q in wqs: q.set_mode('soft')
@@ -229,33 +229,35 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext   # chosen once, not per step
-    for it in range(cfg.iters):
-        if host:
-            idx = torch.randint(n, (bs,), generator=gen)
-            take = lambda t: _gather(t, idx, dev)
-        else:
-            idx = torch.randint(n, (bs,), generator=dgen, device=dev)
-            take = lambda t: t[idx]
-        with amp():
-            if cfg.single_bits is not None:
-                bits = (cfg.single_bits,)
-                loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
-                terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
+    try:
+        for it in range(cfg.iters):
+            if host:
+                idx = torch.randint(n, (bs,), generator=gen)
+                take = lambda t: _gather(t, idx, dev)
             else:
-                loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
-        beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
-        rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
-        for o in opts: o.zero_grad(set_to_none=True)
-        (loss + rterm).backward()
-        for o in opts: o.step()
-        if sched is not None: sched.step()
-        if it % every == 0 and dev.type == 'cpu': fair_threads()   # this run's share of the cores, when ptmq run shares them
-        if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
-            history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),
-                            'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
-        bar.update(1)
+                idx = torch.randint(n, (bs,), generator=dgen, device=dev)
+                take = lambda t: t[idx]
+            with amp():
+                if cfg.single_bits is not None:
+                    bits = (cfg.single_bits,)
+                    loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
+                    terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
+                else:
+                    loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
+            beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
+            rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
+            for o in opts: o.zero_grad(set_to_none=True)
+            (loss + rterm).backward()
+            for o in opts: o.step()
+            if sched is not None: sched.step()
+            if it % every == 0 and dev.type == 'cpu': fair_threads()   # this run's share of the cores, when ptmq run shares them
+            if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
+                history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),
+                                'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
+            bar.update(1)
+    finally:                                          # the drop inside the unit never outlives its reconstruction
+        for q in aqs: q.drop, q.drop_gen = 0.0, None
     for p in alphas + scales: p.requires_grad_(False)
-    for q in aqs: q.drop, q.drop_gen = 0.0, None
     return history
 
 def _sync(dev: torch.device) -> None:

@@ -82,6 +82,23 @@ def test_drop_inside_the_unit_only_during_reconstruction(single, block_drop, exp
     with torch.no_grad(): assert torch.equal(qm(calib[:4]), qm(calib[:4]))      # deterministic after it
 
 
+def test_drop_inside_the_unit_is_reset_when_reconstruction_fails(monkeypatch):
+    torch.manual_seed(0)
+    import ptmq.recon as R
+    from ptmq.arch import quantize_model
+    cfg = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, iters=5, batch_size=4, observe_images=8, single_bits=4)
+    qm = quantize_model(CifarResNet(8).eval(), 4, (4,), head_q='last')
+    calls = []
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) == 2: raise RuntimeError('interrupted')
+        return orig(*a, **k)
+    orig = R.beta_schedule
+    monkeypatch.setattr(R, 'beta_schedule', boom)
+    with pytest.raises(RuntimeError, match='interrupted'): R.calibrate(qm, torch.randn(16, 3, 32, 32), cfg, progress=False)
+    assert all(q.drop == 0.0 and q.drop_gen is None for q in act_quantizers(qm))
+
+
 def test_drop_in_block_rule():
     assert PTMQConfig(single_bits=4).drop_in_block == 0.5              # QDrop
     assert PTMQConfig(single_bits=4, drop_prob=0.0).drop_in_block == 0.0  # BRECQ-style: no drop anywhere
