@@ -311,13 +311,13 @@ def git_commit(path: str | os.PathLike = '.') -> str | None:
     except Exception: return None
 
 def results_record(p: ExperimentParams, fp32_top1: float, rows: list[dict], calib: CalibrationResult,
-                   dataset: str | None = None) -> dict[str, Any]:
-    "The `results.json` record of one experiment."
+                   dataset: str | None = None, iters: int | None = None) -> dict[str, Any]:
+    "The `results.json` record of one experiment; `iters`: the calibration's iterations per unit when not `p.ptmq.iters` (a benchmark's `multi_iters`)."
     import ptmq
     from ptmq.models import model_spec
     return {'name': p.name, 'model': p.model, 'dataset': dataset or model_spec(p.model).dataset, 'fp32_top1': fp32_top1,
             'results': rows,
-            'calibration': {'images': calib.images, 'iters_per_block': p.ptmq.iters, 'seconds': round(calib.seconds, 2),
+            'calibration': {'images': calib.images, 'iters_per_block': p.ptmq.iters if iters is None else iters, 'seconds': round(calib.seconds, 2),
                             'unit_seconds': [round(s, 2) for s in calib.unit_seconds], 'device': calib.device,
                             'threads': torch.get_num_threads()},
             'params': p.to_dict(), 'version': ptmq.__version__, 'git_commit': git_commit(Path(ptmq.__file__).parent),

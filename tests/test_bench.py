@@ -96,8 +96,8 @@ def test_multi_iters_gives_the_multi_bit_methods_their_own_iterations():
         in reading(summarize(recs), 82.0, cost_ratios(recs))
 
 def rec(method, w, seed, top1, seconds, single=None, iters=None):
-    if iters is not None: return {**rec(method, w, seed, top1, seconds, single), 'iters_per_block': iters}
-    return {'method': method, 'w_bits': w, 'seed': seed, 'single_bits': single, 'seconds': seconds, 'top1': {str(k): v for k, v in top1.items()}}
+    r = {'method': method, 'w_bits': w, 'seed': seed, 'single_bits': single, 'seconds': seconds, 'top1': {str(k): v for k, v in top1.items()}}
+    return r if iters is None else {**r, 'iters_per_block': iters}
 
 RECORDS = [rec('ptmq', 4, s, {4: 70 + s, 6: 80 + s, 8: 81 + s / 2}, 30 + s) for s in (0, 1, 2)] + \
           [rec('qdrop', 4, s, {b: 71 + s + b}, 10 + b, b) for s in (0, 1, 2) for b in (4, 6, 8)] + \

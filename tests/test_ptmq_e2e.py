@@ -34,7 +34,7 @@ def test_short_ptmq_run_keeps_a8_and_lowers_its_loss(short_run):
 
 
 # issue 14: with QDrop's observers round-to-nearest starts higher (W4A4 78.45 here, was ~74); the paper's MFM no longer
-# gained a point at A4 in 150 iterations (78.30), the default since then (each pass on its own input, mfm='none') has to
+# gained a point at A4 in 150 iterations (78.30); the default since then (each pass on its own input, mfm='none') does.
 def test_short_ptmq_run_beats_round_to_nearest_at_a4(short_run):
     qm, acc = short_run
     assert acc['ptmq', 4] >= acc['rtn', 4] + 1.0, acc
