@@ -226,17 +226,18 @@ def register_architecture(name: str, matches, units: Callable, config: Callable,
     return (registry if registry is not None else ARCHITECTURES).register(Architecture(name, matches, units, config, build, about), replace)
 
 # %% ../nbs/14_architectures.ipynb #7806630f
-def quantize_model(model: nn.Module, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8,
+def quantize_model(model: nn.Module, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8,
                    head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True,
-                   arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last') -> QuantModel:
-    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is)."
+                   arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last',
+                   w_rounding: str = 'shared') -> QuantModel:
+    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths."
     registry = registry if registry is not None else ARCHITECTURES
     a = arch if isinstance(arch, Architecture) else (registry.find(model) if arch is None else registry[arch])
-    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q)
+    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q, w_rounding)
     model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
     try: config, why = a.config(model), None
     except Exception as e: config, why = None, f"{type(e).__name__}: {e}"
-    qm = QuantModel(s.finish(a.units(model, s)), s.a_bits, w_bits, arch=a.name, arch_config=config, spec=s).eval()
+    qm = QuantModel(s.finish(a.units(model, s)), s.a_bits, s.w_set, arch=a.name, arch_config=config, spec=s).eval()
     qm.arch_config_error = why
     return qm
 
@@ -257,8 +258,8 @@ def structure(model: nn.Module) -> list[tuple]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, ActQuantizer): info = {'bits': m.bits, 'switchable': m.switchable}
-        elif isinstance(m, WeightQuantizer): info = {'bits': m.bits, 'shape': tuple(m.scale.shape)}
-        else: info = {k: v for k, v in vars(m).items() if not k.startswith('_') and k not in ('training', 'arch_config_error', 'calibration', 'config', 'plans', 'sensitivity', 'metadata')
+        elif isinstance(m, WeightQuantizer): info = {'bits': m.bit_set, 'switchable': m.switchable, 'shape': tuple(m.scales.shape)}
+        else: info = {k: v for k, v in vars(m).items() if not k.startswith('_') and k not in ('training', 'arch_config_error', 'calibration', 'config', 'plans', 'sensitivity', 'metadata', 'w_bits')
                       and (isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))}
         out.append((name, type(m).__qualname__, tuple(sorted(info.items()))))
     skip = ('.alpha', '.int_codes')

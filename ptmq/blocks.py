@@ -9,7 +9,7 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
-from .quant import ActQuantizer, WeightQuantizer
+from .quant import ActQuantizer, WeightQuantizer, weight_set
 from .fold import fold_bn
 
 # %% auto #0
@@ -20,12 +20,13 @@ __all__ = ['HEAD_QUANT', 'QuantLayer', 'QuantResidualBlock', 'QuantHead', 'Quant
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
     "A frozen conv/linear with quantized weights, an optional activation, and optional input/output activation quantizers."
-    def __init__(self, layer: nn.Conv2d | nn.Linear, w_bits: int, act: nn.Module | None = None,
-                 out_q: ActQuantizer | None = None, in_q: ActQuantizer | None = None, observer: str = 'mse', p: float = 2.0):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, w_bits: int | Sequence[int], act: nn.Module | None = None,
+                 out_q: ActQuantizer | None = None, in_q: ActQuantizer | None = None, observer: str = 'mse', p: float = 2.0,
+                 w_switchable: bool = True, w_rounding: str = 'shared'):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)): raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer.requires_grad_(False)
-        self.wq = WeightQuantizer(layer.weight, w_bits, observer, p)
+        self.wq = WeightQuantizer(layer.weight, w_bits, observer, p, w_switchable, w_rounding)
         self.act = act if act is not None else nn.Identity()
         self.in_q, self.out_q = in_q, out_q
 
@@ -81,11 +82,12 @@ class QuantHead(nn.Module):
 
 class QuantModel(nn.Module):
     "A quantized model: a sequence of reconstruction units; `arch`/`arch_config`/`spec` say how to rebuild it (`ptmq.arch`)."
-    def __init__(self, units: Sequence[nn.Module], a_bits: Sequence[int], w_bits: int, arch: str | None = None,
+    def __init__(self, units: Sequence[nn.Module], a_bits: Sequence[int], w_bits: int | Sequence[int], arch: str | None = None,
                  arch_config: dict | None = None, spec: 'QuantSpec | None' = None):
         super().__init__()
         self.units = nn.ModuleList(units)
-        self.a_bits, self.w_bits = tuple(a_bits), w_bits
+        self.a_bits, self.w_set = tuple(a_bits), weight_set(w_bits)
+        self.w_bits = max(self.w_set)                      # the current weight bit-width (`set_bits(model, w=...)` changes it)
         self.arch, self.arch_config, self.spec = arch, arch_config, spec
     def forward(self, x: Tensor) -> Tensor:
         for u in self.units: x = u(x)
@@ -98,26 +100,31 @@ class QuantSpec:
     """Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer.
     `head_q='last'` (QDrop's setting) holds the last activation quantizer before the classifier at `head_a_bits`;
     `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`."""
-    def __init__(self, w_bits: int, a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
-                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last'):
+    def __init__(self, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
+                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'shared'):
         if head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {head_q!r}")
-        self.w_bits, self.a_bits, self.first_last_w_bits, self.head_a_bits = w_bits, tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
-        self.observer, self.p, self.quant_attn_matmul, self.head_q = observer, p, quant_attn_matmul, head_q
+        self.w_set, self.a_bits, self.first_last_w_bits, self.head_a_bits = weight_set(w_bits), tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
+        self.observer, self.p, self.quant_attn_matmul, self.head_q, self.w_rounding = observer, p, quant_attn_matmul, head_q, w_rounding
+    @property
+    def w_bits(self) -> int | tuple[int, ...]:
+        "The model's weight bit-width, or its set of weight bit-widths (a tuple) when it switches weights."
+        return self.w_set[0] if len(self.w_set) == 1 else self.w_set
     def aq(self) -> ActQuantizer: return ActQuantizer(self.a_bits)
     def layer(self, conv, bn=None, act=None, out_q: bool = False, w_bits: int | None = None) -> QuantLayer:
-        "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`."
+        "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`; `w_bits` given: a fixed weight bit-width (first/last layers)."
         conv = fold_bn(conv, bn) if isinstance(conv, nn.Conv2d) else conv
-        return QuantLayer(conv, w_bits or self.w_bits, act, self.aq() if out_q else None, observer=self.observer, p=self.p)
+        return QuantLayer(conv, w_bits or self.w_set, act, self.aq() if out_q else None, observer=self.observer, p=self.p,
+                          w_switchable=w_bits is None, w_rounding=self.w_rounding)
     def linear(self, fc: nn.Linear, act=None) -> QuantLayer:
         "A QuantLayer of a linear layer whose input is quantized at the model's activation bit-widths (transformer layers)."
-        return QuantLayer(fc, self.w_bits, act, in_q=self.aq(), observer=self.observer, p=self.p)
+        return QuantLayer(fc, self.w_set, act, in_q=self.aq(), observer=self.observer, p=self.p, w_rounding=self.w_rounding)
     def to_dict(self) -> dict:
-        "What a saved model needs to rebuild its quantizers (the observer only sets initial values, so it is not needed)."
-        return {'w_bits': self.w_bits, 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
+        "What a saved model needs to rebuild its quantizers (the observer and the weight rounding rule only set initial values, so they are not needed)."
+        return {'w_bits': list(self.w_bits) if len(self.w_set) > 1 else self.w_bits, 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
                 'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
-                                    observer=self.observer, p=self.p), pool)
+                                    observer=self.observer, p=self.p, w_switchable=False), pool)
     def finish(self, units: list[nn.Module]) -> list[nn.Module]:
         "The units as this spec quantizes them: with `head_q='last'`, `hold_last_activation` on them."
         if self.head_q == 'last': hold_last_activation(units, self.head_a_bits)
@@ -166,9 +173,13 @@ def plan_bits(model: nn.Module, plan, slots: list[PlanSlot] | None = None) -> li
     if bad: raise ValueError(f"plan bit-width(s) {sorted(set(bad))} not calibrated in this model; available: {list(model.a_bits)}")
     return bits
 
-def set_bits(model: nn.Module, a_bits) -> nn.Module:
+def set_bits(model: nn.Module, a_bits=None, w: int | None = None) -> nn.Module:
     """Select activation bit-widths in the switchable quantizers of `model`: an int sets all of them; a tuple runs one batched
-    pass per bit-width; a plan (list, dict or `BitPlan`, one bit-width per entry of `plan_slots`) sets each quantizer's."""
+    pass per bit-width; a plan (list, dict or `BitPlan`, one bit-width per entry of `plan_slots`) sets each quantizer's.
+    `w` selects the weight bit-width of every switchable weight quantizer (a model calibrated with a weight set)."""
+    if a_bits is None and w is None: raise ValueError("set_bits needs activation bit-widths, a weight bit-width (w=...), or both")
+    if w is not None: _set_w_bits(model, w)
+    if a_bits is None: return model
     if isinstance(a_bits, int):
         qs = [q for q in act_quantizers(model) if q.switchable]
         idx = [q.index(a_bits) for q in qs]
@@ -180,6 +191,16 @@ def set_bits(model: nn.Module, a_bits) -> nn.Module:
         qs, idx = [s.q for s in slots], [s.q.index(b) for s, b in zip(slots, plan_bits(model, a_bits, slots))]
     for q, i in zip(qs, idx): q.idx = i
     return model
+
+def _set_w_bits(model: nn.Module, w: int) -> None:
+    "Every switchable weight quantizer of `model` at weight bit-width `w` (checked before anything changes; a part of a model with none switches nothing)."
+    qs = [q for q in weight_quantizers(model) if q.switchable]
+    avail = getattr(model, 'w_set', None) or sorted({b for q in qs for b in q.bit_set})
+    if (qs or hasattr(model, 'w_set')) and w not in avail:
+        raise ValueError(f"weight bit-width {w!r} not calibrated in this model; available: {list(avail)}")
+    idx = [q.index(w) for q in qs]
+    for q, i in zip(qs, idx): q.idx = i
+    if hasattr(model, 'w_set'): model.w_bits = w
 
 def set_weight_mode(model: nn.Module, mode: str) -> nn.Module:
     "Set every weight quantizer of `model` to `'nearest'`, `'soft'` or `'hard'` rounding."

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     which = e.add_mutually_exclusive_group(required=True)
     which.add_argument('--bits', type=int, help='the activation bit-width to export (one the model was calibrated for)')
     which.add_argument('--plan', help='a mixed-precision plan stored in the model file, by name (ptmq.read_metadata(file)["plans"])')
+    e.add_argument('--w-bits', type=int, help='the weight bit-width to export, for a model calibrated with several (default: the one it was saved at)')
     e.add_argument('--format', dest='fmt', choices=['onnx'], default='onnx')
     e.add_argument('-o', '--out', help='output file (default: MODEL_a<bits>.onnx or MODEL_<plan>.onnx beside the model)')
     e.add_argument('--check', metavar='IMAGEFOLDER', help='evaluate PyTorch and onnxruntime on this ImageFolder: top-1 of each, largest logit difference')
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print((out / 'README.md').read_text())
         elif args.cmd == 'export':
             from ptmq.export import export_command
-            res = export_command(args.model, args.bits, args.out, args.fmt, args.check, args.images, args.batch_size, args.plan)
+            res = export_command(args.model, args.bits, args.out, args.fmt, args.check, args.images, args.batch_size, args.plan, args.w_bits)
             print(f"wrote {res['onnx']} ({res['onnx_bytes'] / 1e6:.2f} MB) in {res['export_seconds']:.1f}s")
             if 'top1_torch' in res:
                 at = f"A{res['a_bits']}" if res['a_bits'] is not None else f"plan {args.plan} ({'-'.join(map(str, res['plan']))})"

@@ -14,7 +14,7 @@ from .recon import PTMQConfig, CalibrationResult
 # %% auto #0
 __all__ = ['ParamsError', 'expand', 'DeployParams', 'MixedPrecisionParams', 'ExperimentParams', 'parse_overrides',
            'params_from_dict', 'load_params', 'work_from_repo_root', 'Prepared', 'prepare', 'float_sizes', 'keep_model',
-           'load_kept', 'onnx_checks', 'git_commit', 'results_record', 'write_json', 'plot_loss_curves']
+           'load_kept', 'served_pairs', 'onnx_checks', 'git_commit', 'results_record', 'write_json', 'plot_loss_curves']
 
 # %% ../nbs/08_experiment.ipynb #1e2620fb
 class ParamsError(ValueError):
@@ -216,6 +216,10 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'deploy': {e}") from None
     try: mixed = MixedPrecisionParams.from_dict(raw.get('mixed_precision'), ptmq_cfg.a_bits)
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'mixed_precision': {e}") from None
+    if ptmq_cfg.pairs is not None:
+        for k, what in (('mixed_precision', 'mixed-precision plans over (weight, activation) pairs'), ('benchmark', 'a benchmark of a weight-set calibration'),
+                        ('model_file', 'reusing a kept model with weight sets')):
+            if raw.get(k) is not None: raise ParamsError(f"{source}: key {k!r}: {what} is not supported yet; remove {k!r} or 'ptmq.pairs'")
     if raw.get('model_file') is not None and not isinstance(raw['model_file'], str):
         raise ParamsError(f"{source}: key 'model_file' must be the path of a kept model (.safetensors), got {raw['model_file']!r}")
     bench = None
@@ -289,19 +293,24 @@ def load_kept(p: ExperimentParams, device: str | torch.device = 'cpu') -> tuple[
     return qm, CalibrationResult(history=[], unit_seconds=[], seconds=float(c.get('seconds') or 0.0), images=int(c.get('images') or 0),
                                  device=str(c.get('device') or ''))
 
+def served_pairs(cfg: PTMQConfig) -> list[tuple[int, int]]:
+    "The (weight, activation) bit-width pairs one calibration with `cfg` serves: its `pairs`, else `w_bits` with each activation bit-width."
+    return list(cfg.pairs.pairs) if cfg.pairs is not None else [(cfg.w_bits, b) for b in cfg.a_bits]
+
 def onnx_checks(qm: torch.nn.Module, p: ExperimentParams, prep: Prepared, progress: bool = False) -> list[dict[str, Any]]:
-    "Export every activation bit-width of `qm` to ONNX (a scratch folder) and check onnxruntime against PyTorch on the evaluation set."
+    "Export every (weight, activation) bit-width pair `qm` serves to ONNX (a scratch folder) and check onnxruntime against PyTorch on the evaluation set."
     import tempfile
     from ptmq.export import export_onnx, check_onnx
     from ptmq.data import seeded_subset
     data = seeded_subset(prep.eval_set, p.deploy.check_images, seed=p.calib_seed)
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for b in qm.a_bits:
+        for w, b in served_pairs(p.ptmq):
             t = time.perf_counter()
-            f = export_onnx(qm, Path(d) / f'a{b}.onnx', b, prep.data_config['input_size'])
+            w_arg = w if len(qm.w_set) > 1 else None
+            f = export_onnx(qm, Path(d) / f'w{w}a{b}.onnx', b, prep.data_config['input_size'], w=w_arg)
             seconds = time.perf_counter() - t
-            rows.append({'w_bits': qm.w_bits, **check_onnx(qm, f, b, data, p.eval_batch, p.deploy.latency_images, progress=progress),
+            rows.append({'w_bits': w, **check_onnx(qm, f, b, data, p.eval_batch, p.deploy.latency_images, progress=progress, w=w_arg),
                          'export_seconds': round(seconds, 1)})
     return rows
 

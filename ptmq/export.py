@@ -78,10 +78,11 @@ class DequantWeight(nn.Module):
 def _safe_tag(name: str) -> str: return re.sub(r'[^A-Za-z0-9_.-]+', '_', name)
 def _label(bits) -> str: return f'A{bits}' if isinstance(bits, int) else f"plan {'-'.join(map(str, bits))}"
 
-def export_module(model: QuantModel, bits) -> nn.Module:
-    "A copy of `model` at activation bit-width `bits` (or a mixed-precision plan, [18_mixed](18_mixed.ipynb)) made of QDQ and DequantWeight modules."
+def export_module(model: QuantModel, bits, w: int | None = None) -> nn.Module:
+    "A copy of `model` at activation bit-width `bits` (or a mixed-precision plan, [18_mixed](18_mixed.ipynb)) and weight bit-width `w` (default: its current one), made of QDQ and DequantWeight modules."
     if isinstance(bits, int) and bits not in model.a_bits: raise ValueError(f"bit-width {bits} is not calibrated in this model; available: {list(model.a_bits)}")
-    out = set_bits(copy.deepcopy(model).cpu().eval(), bits)
+    if w is not None and w not in model.w_set: raise ValueError(f"weight bit-width {w} is not calibrated in this model; available: {list(model.w_set)}")
+    out = set_bits(copy.deepcopy(model).cpu().eval(), bits, w=w)
     for m in list(out.modules()):
         if isinstance(m, QuantLayer):
             if m.wq.enabled:
@@ -102,12 +103,12 @@ def _input_size(model: QuantModel, input_size: Sequence[int] | None) -> tuple[in
     return tuple(int(v) for v in input_size)
 
 def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, bits, input_size: Sequence[int] | None = None,
-                opset: int = 18) -> Path:
-    "Write `model` (or the model file `model`) at activation bit-width `bits` (or a mixed-precision plan) as an ONNX graph in QDQ form."
+                opset: int = 18, w: int | None = None) -> Path:
+    "Write `model` (or the model file `model`) at activation bit-width `bits` (or a mixed-precision plan) and weight bit-width `w` (default: its current one) as an ONNX graph in QDQ form."
     import onnx
     if not isinstance(model, QuantModel): model = load(model)
     path = Path(path)
-    m, size = export_module(model, bits), _input_size(model, input_size)
+    m, size = export_module(model, bits, w), _input_size(model, input_size)
     with torch.no_grad():
         prog = torch.onnx.export(m, (torch.zeros(2, *size),), dynamo=True, opset_version=opset, input_names=['input'],
                                  output_names=['logits'], dynamic_shapes=({0: torch.export.Dim('batch')},),
@@ -115,7 +116,7 @@ def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, 
     proto = prog.model_proto
     for n in proto.graph.node: del n.metadata_props[:]      # the exporter's stack traces and source paths: not part of a deployed model
     meta = getattr(model, 'metadata', None) or {}
-    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(model.w_bits), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else _label(bits),
+    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(w if w is not None else model.w_bits), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else _label(bits),
             'ptmq.model': str(meta.get('model') or model.arch), 'ptmq.source_sha256': str(meta.get('tensor_sha256', ''))}
     del proto.metadata_props[:]
     for k, v in info.items(): proto.metadata_props.add(key=k, value=v)
@@ -157,13 +158,13 @@ def without_onednn(model: nn.Module, x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def check_onnx(model: QuantModel, onnx_path: str | os.PathLike, bits: int, data, batch_size: int = 250,
-               latency_images: int = 32, threads: int | None = None, progress: bool = False) -> dict[str, Any]:
-    "PyTorch against onnxruntime at `bits` on `data` (a data set of (image, label)): top-1, agreement, largest logit difference, latency."
+               latency_images: int = 32, threads: int | None = None, progress: bool = False, w: int | None = None) -> dict[str, Any]:
+    "PyTorch against onnxruntime at `bits` (and weight bit-width `w`) on `data` (a data set of (image, label)): top-1, agreement, largest logit difference, latency."
     from torch.utils.data import DataLoader
     from ptmq.data import progress_bar
     sessions = {'': _session(onnx_path, threads, exact=True), '_default': _session(onnx_path, threads)}
     name = sessions[''].get_inputs()[0].name
-    m = set_bits(copy.deepcopy(model).cpu().eval(), bits)
+    m = set_bits(copy.deepcopy(model).cpu().eval(), bits, w=w)
     n, right_t = 0, 0
     right, agree, close = (dict.fromkeys(sessions, 0) for _ in range(3))
     worst = dict.fromkeys(sessions, 0.0)
@@ -214,8 +215,8 @@ def graph_ops(path: str | os.PathLike):
 # %% ../nbs/16_export.ipynb #ea5c5a4b
 def export_command(model_file: str | os.PathLike, bits: int | None = None, out: str | os.PathLike | None = None, fmt: str = 'onnx',
                    check: str | os.PathLike | None = None, images: int | None = None, batch_size: int = 250,
-                   plan: str | None = None) -> dict[str, Any]:
-    "`ptmq export`: validate, export the model file at `bits` (or its named `plan`), optionally check it on an ImageFolder."
+                   plan: str | None = None, w_bits: int | None = None) -> dict[str, Any]:
+    "`ptmq export`: validate, export the model file at `bits` (or its named `plan`) and weight bit-width `w_bits` (default: the one it was saved at), optionally check it on an ImageFolder."
     from ptmq.data import transform_from_config, image_folder, match_labels, seeded_subset
     if fmt != 'onnx': raise ValueError(f"unknown export format {fmt!r}; supported: onnx")
     if (bits is None) == (plan is None): raise ValueError("give exactly one of --bits B and --plan NAME")
@@ -227,6 +228,10 @@ def export_command(model_file: str | os.PathLike, bits: int | None = None, out: 
     else:
         if bits not in meta['a_bits']: raise ValueError(f"{model_file}: bit-width {bits} is not calibrated in this model; available: {meta['a_bits']}")
         tag = f'a{bits}'
+    if w_bits is not None:
+        w_set = meta.get('w_set') or [meta.get('w_bits')]
+        if w_bits not in w_set: raise ValueError(f"{model_file}: weight bit-width {w_bits} is not calibrated in this model; available: {w_set}")
+        tag = f'w{w_bits}{tag}'
     out = Path(out) if out is not None else Path(model_file).with_name(f"{Path(model_file).stem}_{tag}.onnx")
     if out.suffix != '.onnx': raise ValueError(f"the output of an ONNX export is a .onnx file, got {out}")
     if check is not None:
@@ -234,10 +239,10 @@ def export_command(model_file: str | os.PathLike, bits: int | None = None, out: 
         if not Path(check).is_dir(): raise FileNotFoundError(f"--check: data folder not found: {check}")
     model = load(model_file)
     t = time.perf_counter()
-    export_onnx(model, out, bits)
+    export_onnx(model, out, bits, w=w_bits)
     res: dict[str, Any] = {'onnx': str(out), 'onnx_bytes': out.stat().st_size, 'export_seconds': round(time.perf_counter() - t, 2)}
     if check is not None:
         ds = image_folder(check, transform_from_config(meta['data_config']))
         with torch.no_grad(): ds = match_labels(ds, model(ds[0][0][None]).shape[-1])
-        res.update(check_onnx(model, out, bits, seeded_subset(ds, images), batch_size))
+        res.update(check_onnx(model, out, bits, seeded_subset(ds, images), batch_size, w=w_bits))
     return res

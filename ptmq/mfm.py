@@ -4,13 +4,14 @@
 
 # %% ../nbs/05_mfm.ipynb #ba99bb25
 from __future__ import annotations
+import re
 from dataclasses import dataclass
 from typing import Sequence
 import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['MFM_MODES', 'BitGroups', 'MultiBitFeatureMixer']
+__all__ = ['Pair', 'MFM_MODES', 'BitGroups', 'parse_pair', 'PairGroups', 'MultiBitFeatureMixer']
 
 # %% ../nbs/05_mfm.ipynb #7ee18b74
 @dataclass(frozen=True)
@@ -42,6 +43,59 @@ class BitGroups:
         "The seed's reading of a reported 'WxAy' figure: low = y, mid/high above it (A6 -> 6/7/8; A8 -> 6/7/8 with 8 the teacher)."
         lo = min(a_bits, 6)
         return cls((lo,), (lo + 1,), (8,)) if a_bits < 8 else cls((6,), (7,), (8,))
+
+# %% ../nbs/05_mfm.ipynb #fac20090
+Pair = tuple[int, int]
+
+def parse_pair(p) -> Pair:
+    "A (weight, activation) bit-width pair from `[w, a]`, `(w, a)` or `'WwAa'`, checked: integers in 2..8."
+    if isinstance(p, str):
+        m = re.fullmatch(r'[Ww](\d+)[Aa](\d+)', p.strip())
+        if not m: raise ValueError(f"a bit-width pair is written [w, a] or 'WwAa' (e.g. 'W4A4'), got {p!r}")
+        p = (int(m[1]), int(m[2]))
+    if not isinstance(p, (list, tuple)) or len(p) != 2 or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in p):
+        raise ValueError(f"a bit-width pair is [w, a] with integers in 2..8, got {p!r}")
+    return (p[0], p[1])
+
+@dataclass(frozen=True)
+class PairGroups:
+    "Low, mid and high groups of (weight, activation) bit-width pairs, validated: each non-empty, and every pair of a lower group at or below every pair of a higher one in both bit-widths."
+    low: tuple[Pair, ...]
+    mid: tuple[Pair, ...]
+    high: tuple[Pair, ...]
+
+    def __post_init__(self):
+        for name in ('low', 'mid', 'high'):
+            v = getattr(self, name)
+            v = tuple(sorted({parse_pair(p) for p in ([v] if isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, int) for b in v)) else v)}))
+            if not v: raise ValueError(f"pair group {name!r} is empty")
+            object.__setattr__(self, name, v)
+        for lo_name, hi_name in (('low', 'mid'), ('mid', 'high'), ('low', 'high')):
+            bad = [(p, q) for p in getattr(self, lo_name) for q in getattr(self, hi_name) if p[0] > q[0] or p[1] > q[1] or p == q]
+            if bad: raise ValueError(f"pair groups must rise from low to high in both bit-widths: {lo_name} {_label(bad[0][0])} is not below {hi_name} {_label(bad[0][1])}")
+
+    @property
+    def pairs(self) -> tuple[Pair, ...]: return tuple(sorted(self.low + self.mid + self.high))
+    @property
+    def w_set(self) -> tuple[int, ...]: return tuple(sorted({w for w, _ in self.pairs}))
+    @property
+    def a_bits(self) -> tuple[int, ...]: return tuple(sorted({a for _, a in self.pairs}))
+
+    def sample(self, gen: torch.Generator | None = None) -> tuple[Pair, Pair, Pair]:
+        "One pair drawn at random from each group: `(low, mid, high)`."
+        return tuple(g[torch.randint(len(g), (1,), generator=gen).item()] for g in (self.low, self.mid, self.high))
+
+    @classmethod
+    def row(cls, pairs) -> 'PairGroups':
+        "The lowest pair alone, the highest alone, the rest in the middle (at least three pairs)."
+        ps = sorted({parse_pair(p) for p in pairs})
+        if len(ps) < 3: raise ValueError(f"a row needs at least three different pairs (low, mid, high), got {[_label(p) for p in ps]}")
+        return cls((ps[0],), tuple(ps[1:-1]), (ps[-1],))
+
+    def to_dict(self) -> dict[str, list[list[int]]]: return {k: [list(p) for p in getattr(self, k)] for k in ('low', 'mid', 'high')}
+    def __str__(self) -> str: return ' | '.join(','.join(map(_label, getattr(self, k))) for k in ('low', 'mid', 'high'))
+
+def _label(p: Pair) -> str: return f'W{p[0]}A{p[1]}'
 
 # %% ../nbs/05_mfm.ipynb #6790bbdc
 MFM_MODES = ('mix', 'mix_no_fp', 'none')

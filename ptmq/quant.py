@@ -10,8 +10,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['OBSERVERS', 'round_ste', 'grad_scale', 'fake_quant', 'qparams', 'minmax_qparams', 'mse_qparams', 'mse_grid_qparams',
-           'observe', 'WeightQuantizer', 'lsq_quant', 'ActQuantizer']
+__all__ = ['OBSERVERS', 'W_ROUNDING', 'round_ste', 'grad_scale', 'fake_quant', 'qparams', 'minmax_qparams', 'mse_qparams',
+           'mse_grid_qparams', 'observe', 'weight_set', 'WeightQuantizer', 'lsq_quant', 'ActQuantizer']
 
 # %% ../nbs/00_quantizers.ipynb #f99ef72e
 def round_ste(x: Tensor) -> Tensor:
@@ -94,23 +94,51 @@ def observe(x: Tensor, bits: int, observer: str = 'mse', per_channel: bool = Fal
     return OBSERVERS[observer](x, bits, per_channel, p=p)
 
 # %% ../nbs/00_quantizers.ipynb #69d1d0cd
+W_ROUNDING = ('shared', 'lowest')
+
+def weight_set(bits: int | Sequence[int]) -> tuple[int, ...]:
+    "A weight bit-width or a set of them as a sorted tuple, checked: integers in 2..8, none repeated."
+    bit_set = (bits,) if isinstance(bits, int) else tuple(bits)
+    if not bit_set or any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in bit_set):
+        raise ValueError(f"weight bit-widths must be integers in 2..8, got {bits!r}")
+    if len(set(bit_set)) != len(bit_set): raise ValueError(f"repeated weight bit-width in {bits!r}")
+    return tuple(sorted(bit_set))
+
 class WeightQuantizer(nn.Module):
-    "Per-output-channel asymmetric weight quantizer with a frozen step and AdaRound rounding variables `alpha`."
+    """Per-output-channel asymmetric weight quantizer: one frozen step per weight bit-width in `bits` and ONE set of AdaRound
+    rounding variables `alpha`. `rounding='shared'` (the paper's R): every grid rounds each weight the same way, up or down;
+    `'lowest'`: only the lowest bit-width's grid uses the learned rounding, the others round to nearest."""
     gamma, zeta = -0.1, 1.1
     modes = ('nearest', 'soft', 'hard')
 
-    def __init__(self, weight: Tensor, bits: int, observer: str = 'mse', p: float = 2.0):
+    def __init__(self, weight: Tensor, bits: int | Sequence[int], observer: str = 'mse', p: float = 2.0,
+                 switchable: bool = True, rounding: str = 'shared'):
         super().__init__()
-        if not 2 <= bits <= 8: raise ValueError(f"weight bit-width must be in 2..8, got {bits}")
-        self.bits, self.qmax = bits, 2 ** bits - 1
+        if rounding not in W_ROUNDING: raise ValueError(f"rounding must be one of {W_ROUNDING}, got {rounding!r}")
+        self.bit_set, self.switchable, self.rounding = weight_set(bits), switchable, rounding
         w = weight.detach().reshape(weight.shape[0], -1)
-        s, z = observe(w, bits, observer, per_channel=True, p=p)
         shape = (-1,) + (1,) * (weight.dim() - 1)
-        self.register_buffer('scale', s.reshape(shape))
-        self.register_buffer('zero_point', z.reshape(shape))
-        rest = weight.detach() / self.scale - torch.floor(weight.detach() / self.scale)
-        self.alpha = nn.Parameter(self.alpha_for(rest))
+        steps = [observe(w, b, observer, per_channel=True, p=p) for b in self.bit_set]
+        self.register_buffer('scales', torch.stack([s.reshape(shape) for s, _ in steps]))
+        self.register_buffer('zero_points', torch.stack([z.reshape(shape) for _, z in steps]))
+        self.idx = len(self.bit_set) - 1                   # the current bit-width: the highest
+        low = weight.detach() / self.scales[0]             # the rounding starts at the lowest grid's fractions
+        self.alpha = nn.Parameter(self.alpha_for(low - torch.floor(low)))
         self.mode, self.enabled = 'nearest', True
+
+    @property
+    def bits(self) -> int: return self.bit_set[self.idx]
+    @property
+    def qmax(self) -> int: return 2 ** self.bits - 1
+    @property
+    def scale(self) -> Tensor: return self.scales[self.idx]
+    @property
+    def zero_point(self) -> Tensor: return self.zero_points[self.idx]
+
+    def index(self, bits: int) -> int:
+        "Position of weight bit-width `bits` in this quantizer's steps."
+        if bits not in self.bit_set: raise ValueError(f"weight bit-width {bits} is not calibrated here; available: {self.bit_set}")
+        return self.bit_set.index(bits)
 
     @classmethod
     def alpha_for(cls, h: Tensor) -> Tensor:
@@ -126,35 +154,50 @@ class WeightQuantizer(nn.Module):
         if self.mode == 'codes': raise ValueError("this weight quantizer holds integer codes only (a saved model): its rounding cannot change")
         self.mode = mode
 
+    def _nearest(self) -> bool: return self.mode == 'nearest' or (self.rounding == 'lowest' and self.idx > 0)
+
     @torch.no_grad()
     def codes(self, w: Tensor) -> Tensor:
-        "The integer codes (uint8, in `0..qmax`) of `w` under the current rounding, `'nearest'` or `'hard'`."
-        if self.mode == 'codes': return self.int_codes
+        "The integer codes (uint8, in `0..qmax`) of `w` at the current bit-width under the current rounding, `'nearest'` or `'hard'`."
+        if self.mode == 'codes': return self.int_codes[self.idx]
         if self.mode == 'soft': raise ValueError("soft rounding has no integer codes: round hard first (set_mode('hard'))")
-        q = torch.round(w / self.scale) if self.mode == 'nearest' else torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype)
+        q = torch.round(w / self.scale) if self._nearest() else torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype)
         return torch.clamp(q + self.zero_point, 0, self.qmax).to(torch.uint8)
 
+    @torch.no_grad()
+    def all_codes(self, w: Tensor) -> Tensor:
+        "The codes of `w` at every weight bit-width, stacked: `[len(bit_set), *w.shape]`."
+        idx = self.idx
+        try:
+            out = []
+            for i in range(len(self.bit_set)):
+                self.idx = i; out.append(self.codes(w))
+        finally: self.idx = idx
+        return torch.stack(out)
+
     def freeze_codes(self, w: Tensor | None = None, codes: Tensor | None = None) -> None:
-        "Keep the integer codes (of `w` under the current rounding, or `codes` as given) and drop `alpha`: mode `'codes'`."
-        codes = self.codes(w) if codes is None else codes.to(torch.uint8)
-        if codes.shape != self.scale.shape[:1] + codes.shape[1:] or codes.dim() != self.scale.dim():
-            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit steps of shape {tuple(self.scale.shape)}")
+        "Keep the integer codes at every bit-width (of `w` under the current rounding, or `codes` as given, `[len(bit_set), *shape]`) and drop `alpha`: mode `'codes'`."
+        codes = self.all_codes(w) if codes is None else codes.to(torch.uint8)
+        if codes.shape[:2] != self.scales.shape[:2] or codes.dim() != self.scales.dim():
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit steps of shape {tuple(self.scales.shape)}")
         if 'alpha' in self._parameters: del self.alpha
-        self.register_buffer('int_codes', codes.to(self.scale.device))
+        self.register_buffer('int_codes', codes.to(self.scales.device))
         self.mode = 'codes'
 
     def dequantized(self) -> Tensor:
-        "The quantized weights `s (q - z)` of a quantizer in mode `'codes'`."
-        return (self.int_codes.to(self.scale.dtype) - self.zero_point) * self.scale
+        "The quantized weights `s (q - z)` at the current bit-width of a quantizer in mode `'codes'`."
+        return (self.int_codes[self.idx].to(self.scale.dtype) - self.zero_point) * self.scale
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled: return w
         if self.mode == 'codes': return self.dequantized()
-        if self.mode == 'nearest': return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
+        if self._nearest(): return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
         r = self.h() if self.mode == 'soft' else (self.alpha >= 0).to(w.dtype)
         return (torch.clamp(torch.floor(w / self.scale) + r + self.zero_point, 0, self.qmax) - self.zero_point) * self.scale
 
-    def extra_repr(self) -> str: return f"bits={self.bits}, mode={self.mode}"
+    def extra_repr(self) -> str:
+        return (f"bits={self.bits}, mode={self.mode}" + (f", set={self.bit_set}, rounding={self.rounding}" if len(self.bit_set) > 1 else '')
+                + ("" if self.switchable else ", fixed"))
 
 # %% ../nbs/00_quantizers.ipynb #42b43432
 class _LSQQuant(torch.autograd.Function):

@@ -11,10 +11,10 @@ from typing import Any, Callable
 import torch
 from torch import nn, Tensor
 from .data import progress_bar, fair_threads
-from .quant import ActQuantizer, WeightQuantizer, OBSERVERS
+from .quant import ActQuantizer, WeightQuantizer, OBSERVERS, W_ROUNDING
 from .blocks import QuantModel, HEAD_QUANT, act_quantizers, weight_quantizers, set_bits, quant_state
 from .arch import quantize_model
-from .mfm import BitGroups, MultiBitFeatureMixer, MFM_MODES
+from .mfm import BitGroups, PairGroups, MultiBitFeatureMixer, MFM_MODES
 from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 
 log = logging.getLogger('ptmq')
@@ -28,6 +28,8 @@ class PTMQConfig:
     "All settings of a PTMQ calibration, validated on creation."
     w_bits: int = 4
     groups: BitGroups = field(default_factory=BitGroups)
+    pairs: PairGroups | None = None
+    w_rounding: str = 'shared'
     first_last_w_bits: int = 8
     head_a_bits: int = 8
     head_q: str = 'last'
@@ -62,6 +64,11 @@ class PTMQConfig:
     def __post_init__(self):
         if isinstance(self.groups, dict): self.groups = BitGroups(**self.groups)
         if not isinstance(self.groups, BitGroups): raise TypeError("groups must be a BitGroups or a dict with low/mid/high")
+        if isinstance(self.pairs, dict): self.pairs = PairGroups(**self.pairs)
+        elif isinstance(self.pairs, (list, tuple)): self.pairs = PairGroups.row(self.pairs)
+        if self.pairs is not None and not isinstance(self.pairs, PairGroups):
+            raise TypeError("pairs must be None, a PairGroups, a dict with low/mid/high lists of [w, a], or a list of pairs (a row)")
+        if self.w_rounding not in W_ROUNDING: raise ValueError(f"w_rounding must be one of {W_ROUNDING}, got {self.w_rounding!r}")
         for name in ('w_bits', 'first_last_w_bits', 'head_a_bits'):
             v = getattr(self, name)
             if not isinstance(v, int) or not 2 <= v <= 8: raise ValueError(f"{name} must be an integer in 2..8, got {v!r}")
@@ -76,6 +83,11 @@ class PTMQConfig:
         if self.head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {self.head_q!r}")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true or false, got {self.block_drop!r}")
+        if self.pairs is not None:
+            if self.w_bits not in self.pairs.w_set:
+                raise ValueError(f"with pairs, w_bits must be one of the pairs' weight bit-widths {list(self.pairs.w_set)}, got {self.w_bits}")
+            if self.single_bits is not None: raise ValueError("pairs (one calibration for several (w, a) pairs) and single_bits (one bit-width) exclude each other")
+            if self.observe_on != 'float': raise ValueError("with pairs, activation steps are observed on the float model (observe_on='float')")
         for name in ('observer', 'a_observer'):
             if getattr(self, name) not in OBSERVERS: raise ValueError(f"{name} must be one of {sorted(OBSERVERS)}, got {getattr(self, name)!r}")
         if not 0 <= self.warmup < 1: raise ValueError("warmup must be in [0, 1)")
@@ -85,7 +97,20 @@ class PTMQConfig:
         MultiBitFeatureMixer(self.mix_lambdas, self.drop_prob, self.mfm)  # validates lambdas and p
 
     @property
-    def a_bits(self) -> tuple[int, ...]: return (self.single_bits,) if self.single_bits is not None else self.groups.all_bits
+    def a_bits(self) -> tuple[int, ...]:
+        "The activation bit-widths the calibration serves."
+        if self.single_bits is not None: return (self.single_bits,)
+        return self.pairs.a_bits if self.pairs is not None else tuple(sorted(self.groups.all_bits))
+
+    @property
+    def w_set(self) -> tuple[int, ...]:
+        "The weight bit-widths the calibration serves: the pairs' weights, else `(w_bits,)`."
+        return self.pairs.w_set if self.pairs is not None else (self.w_bits,)
+
+    @property
+    def passes(self) -> list:
+        "What one cached input per pass is keyed by: the (w, a) pairs when `pairs` is set, else the activation bit-widths."
+        return list(self.pairs.pairs) if self.pairs is not None else list(self.a_bits)
 
     @property
     def drop_in_block(self) -> float:
@@ -112,6 +137,7 @@ class PTMQConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d['groups'] = {k: list(v) for k, v in d['groups'].items()}
+        d['pairs'] = self.pairs.to_dict() if self.pairs is not None else None
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 # %% ../nbs/07_reconstruction.ipynb #a3f632ec
@@ -182,11 +208,19 @@ def _observe_float(unit: nn.Module, qs: list[ActQuantizer], x_fp: Tensor, cfg: P
             q.idx = i; q.init_from(seen[q], cfg.a_observer, cfg.observer_p)
         q.idx = idx
 
+def _set_pass(unit: nn.Module, key) -> nn.Module:
+    "The unit at one pass's setting: an activation bit-width, or a (w, a) pair."
+    return set_bits(unit, key[1], w=key[0]) if isinstance(key, tuple) else set_bits(unit, key)
+
+def _key_label(key) -> str: return f'W{key[0]}A{key[1]}' if isinstance(key, tuple) else str(key)
+
 def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
-    "One PTMQ step's loss: a bit-width per group (drawn on the host), MFM inputs, the unit at low/mid/high bits, GD-Loss."
-    bits = cfg.groups.sample(gen)
+    "One PTMQ step's loss: a bit-width (or a (w, a) pair) per group (drawn on the host), MFM inputs, the unit at low/mid/high, GD-Loss."
+    bits = (cfg.pairs or cfg.groups).sample(gen)
     inputs = mfm(x_fp, [take(b) for b in bits], dgen)
-    if batched:
+    if cfg.pairs is not None:                          # weights switch too: one pass per pair
+        f_l, f_m, f_h = [_set_pass(unit, b)(x_in) for b, x_in in zip(bits, inputs)]
+    elif batched:
         set_bits(unit, bits)
         f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
     elif inputs[0] is inputs[1] is inputs[2] and hasattr(unit, 'forward_bits'):   # one MFM input: share what is bit-independent
@@ -253,7 +287,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
             if it % every == 0 and dev.type == 'cpu': fair_threads()   # this run's share of the cores, when ptmq run shares them
             if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
                 history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),
-                                'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(str, bits))})
+                                'rounding': rterm.item(), 'total': loss.item() + rterm.item(), 'bits': '/'.join(map(_key_label, bits))})
             bar.update(1)
     finally:                                          # the drop inside the unit never outlives its reconstruction
         for q in aqs: q.drop, q.drop_gen = 0.0, None
@@ -267,14 +301,16 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     "Run PTMQ block-wise reconstruction (or round-to-nearest when `cfg.iters == 0`) on `qmodel`, in place."
     missing = set(cfg.a_bits) - set(qmodel.a_bits)
     if missing: raise ValueError(f"model has no steps for bit-widths {sorted(missing)}; it was built for {qmodel.a_bits}")
+    missing = set(cfg.w_set) - set(qmodel.w_set)
+    if missing: raise ValueError(f"model has no steps for weight bit-widths {sorted(missing)}; it was built for {qmodel.w_set}")
     dev = cfg.resolved_device()
     qmodel.to(dev).eval().requires_grad_(False)
     gen, dgen = _generators(cfg.seed, dev)
     t_start = time.perf_counter()
     units = list(qmodel.units)
-    copies = len(cfg.a_bits) + 2                        # x_fp, y_fp and one input per bit-width
+    copies = len(cfg.passes) + 2                        # x_fp, y_fp and one input per bit-width (or (w, a) pair)
     x_fp = _keep(calib, _store(cfg, dev, lambda: calib[0].numel() * 4, len(calib), copies), dev)
-    xs = {b: x_fp for b in cfg.a_bits}
+    xs = {k: x_fp for k in cfg.passes}
     total = len(units) * cfg.iters
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
@@ -292,15 +328,13 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
                 history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar, dev)
                 for q in weight_quantizers(unit): q.set_mode('hard')
             _sync(dev); loop_seconds.append(time.perf_counter() - t1)
-            new_xs = {}
-            for b in cfg.a_bits:
-                set_bits(unit, b); new_xs[b] = _run(unit, xs[b], dev=dev, store=store)
+            new_xs = {k: _run(_set_pass(unit, k), xs[k], dev=dev, store=store) for k in cfg.passes}
             xs, x_fp = new_xs, y_fp
             _sync(dev); unit_seconds.append(time.perf_counter() - t0)
             done = sum(unit_seconds)
             if cfg.iters and k + 1 < len(units):
                 log.info("unit %d/%d done in %.1fs; about %.0fs left", k + 1, len(units), unit_seconds[-1], done / (k + 1) * (len(units) - k - 1))
-    set_bits(qmodel, max(cfg.a_bits))
+    _set_pass(qmodel, max(cfg.pairs.high) if cfg.pairs is not None else max(cfg.a_bits))
     seconds = time.perf_counter() - t_start
     log.info("calibration finished in %.1fs", seconds)
     return CalibrationResult(history, unit_seconds, seconds, len(calib), str(dev), loop_seconds, '+'.join(sorted(stores)))
@@ -309,8 +343,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
 def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progress: bool = True) -> QuantModel:
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
-    qm = quantize_model(model, cfg.w_bits, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul, head_q=cfg.head_q)
+    qm = quantize_model(model, cfg.w_set, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
+                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm

@@ -202,14 +202,18 @@ def report_header(record: dict[str, Any]) -> str:
     how = (f"kept model `{c['model_file']['file']}`, not recalibrated" if c.get('model_file') else
            f"{c.get('iters_per_block')} iterations per unit, {c.get('seconds', 0):.0f}s on {c.get('device')} ({c.get('threads')} threads)")
     return '\n'.join([f"# {record['name']}", '',
-                      f"**{record['model']}** on {record.get('dataset')} · W{q.get('w_bits')} with activation groups "
-                      f"{q.get('groups')} · calibration: {calib}; {how} · evaluation: {ev} · ptmq {record.get('version')} "
+                      f"**{record['model']}** on {record.get('dataset')} · "
+                      + (f"(weight, activation) pair groups {_pair_text(q['pairs'])}" if q.get('pairs') else f"W{q.get('w_bits')} with activation groups {q.get('groups')}")
+                      + f" · calibration: {calib}; {how} · evaluation: {ev} · ptmq {record.get('version')} "
                       f"({(record.get('git_commit') or 'no git')[:10]}), finished {record.get('finished')}"])
+
+def _pair_text(pairs: dict) -> str:
+    return ' | '.join(','.join(f'W{w}A{a}' for w, a in pairs[k]) for k in ('low', 'mid', 'high'))
 
 def results_table(record: dict[str, Any]):
     "Top-1 (%) of an experiment: round-to-nearest, PTMQ, and the paper's PTMQ where it reports the setting, by bit-width; FP32 beside."
     import pandas as pd
-    names = {'rtn': 'round-to-nearest', 'ptmq': 'PTMQ (this run)'}
+    names = {'rtn': 'round-to-nearest', 'ptmq': 'PTMQ (this run)', 'ptmq_wset': 'PTMQ, one calibration for every pair (this run)'}
     rows = [r for r in record['results'] if r.get('method') in names and r.get('a_bits') is not None]
     cols = sorted({(r['w_bits'], r['a_bits']) for r in rows})
     table = {names[m]: {f'W{r["w_bits"]}A{r["a_bits"]}': r['top1'] for r in rows if r['method'] == m} for m in names if any(r['method'] == m for r in rows)}
@@ -223,11 +227,11 @@ def plot_top1(record: dict[str, Any], path: str | os.PathLike | None = None):
     "Top-1 against the activation bit-width: PTMQ (one model, switched), round-to-nearest, the paper's points, FP32."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for m, label, style in (('ptmq', 'PTMQ (one model)', 'o-'), ('rtn', 'round-to-nearest', 's--')):
+    for m, label, style in (('ptmq', 'PTMQ (one model)', 'o-'), ('ptmq_wset', 'PTMQ (one model, weights switched too)', 'o-'), ('rtn', 'round-to-nearest', 's--')):
         pts = sorted((r['a_bits'], r['top1']) for r in record['results'] if r.get('method') == m and r.get('a_bits') is not None)
         if pts: ax.plot(*zip(*pts), style, label=label)
     paper = sorted((a, v) for k, v in PAPER_TOP1.get(record['model'], {}).items() if isinstance(k, tuple)
-                   for w, a in [k] if any(r.get('w_bits') == w and r.get('method') == 'ptmq' for r in record['results']))
+                   for w, a in [k] if any(r.get('w_bits') == w and r.get('method') in ('ptmq', 'ptmq_wset') for r in record['results']))
     if paper: ax.plot(*zip(*paper), 'k*', ms=10, label='PTMQ (paper)')
     ax.axhline(record['fp32_top1'], color='0.5', ls=':', label='FP32')
     ax.set(xlabel='activation bit-width', ylabel='top-1 (%)', title=record['name']); ax.legend(fontsize=8); fig.tight_layout()

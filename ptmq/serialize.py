@@ -49,7 +49,7 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8))
 
 # %% ../nbs/15_save.ipynb #265e0cf6
-FORMAT, FORMAT_VERSION = 'ptmq', 1
+FORMAT, FORMAT_VERSION = 'ptmq', 2     # 2: weight quantizers hold steps and codes per weight bit-width (`scales`, `zero_points`)
 
 class ModelFileError(ValueError):
     "A model file cannot be used: missing, truncated or corrupted, not a ptmq model, from a newer ptmq, or of an unknown architecture."
@@ -90,9 +90,9 @@ def model_tensors(model: QuantModel) -> tuple[dict[str, Tensor], dict[str, dict]
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if k not in drop}
     packed = {}
     for n, l in layers.items():
-        codes = l.wq.codes(l.layer.weight)
-        tensors[f'{n}.wq.int_codes'] = pack_codes(codes, l.wq.bits)
-        packed[n] = {'bits': l.wq.bits, 'shape': list(codes.shape)}
+        codes, bits = l.wq.all_codes(l.layer.weight), l.wq.bit_set
+        tensors[f'{n}.wq.int_codes'] = torch.cat([pack_codes(c, b) for c, b in zip(codes, bits)])   # one packed stream per weight bit-width, lowest first
+        packed[n] = {'bits': bits[0] if len(bits) == 1 else list(bits), 'shape': list(codes.shape[1:])}
     return tensors, packed
 
 def _jsonable(x):
@@ -118,7 +118,7 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),
-            'w_bits': model.w_bits, 'a_bits': list(model.a_bits), 'current_bits': current.pop() if len(current) == 1 else max(model.a_bits),
+            'w_bits': model.w_bits, 'w_set': list(model.w_set), 'a_bits': list(model.a_bits), 'current_bits': current.pop() if len(current) == 1 else max(model.a_bits),
             'config': cfg.to_dict() if cfg is not None else old.get('config'),
             'calibration': ({'images': cal.images, 'iters_per_block': cfg.iters if cfg is not None else None, 'seconds': round(cal.seconds, 2),
                              'device': cal.device, 'units': len(cal.unit_seconds)} if cal is not None else old.get('calibration')),
@@ -186,13 +186,19 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         info = meta['weights'][n]
         key = f'{n}.wq.int_codes'
         if key not in tensors: raise ModelFileError(f"{path}: missing tensor {key}")
-        if info['bits'] != l.wq.bits or list(info['shape']) != list(l.layer.weight.shape):
+        bits = [info['bits']] if isinstance(info['bits'], int) else list(info['bits'])
+        if bits != list(l.wq.bit_set) or list(info['shape']) != list(l.layer.weight.shape):
             raise ModelFileError(f"{path}: {n}: {info['bits']}-bit codes of shape {info['shape']} do not fit the rebuilt "
-                                 f"{l.wq.bits}-bit layer of shape {list(l.layer.weight.shape)}")
-        try: codes = unpack_codes(tensors.pop(key), info['bits'], math.prod(info['shape']))
+                                 f"{list(l.wq.bit_set)}-bit layer of shape {list(l.layer.weight.shape)}")
+        n_codes, stream, codes = math.prod(info['shape']), tensors.pop(key), []
+        sizes = [math.ceil(n_codes * b / 8) for b in bits]
+        if stream.numel() != sum(sizes): raise ModelFileError(f"{path}: {key}: {n_codes} codes at {bits} bits take {sum(sizes)} bytes; got {stream.numel()}")
+        try:
+            for part, b in zip(stream.split(sizes), bits): codes.append(unpack_codes(part, b, n_codes).reshape(info['shape']))
         except ValueError as e: raise ModelFileError(f"{path}: {key}: {e}") from None
-        l.wq.freeze_codes(codes=codes.reshape(info['shape']))
+        l.wq.freeze_codes(codes=torch.stack(codes))
         tensors[key] = l.wq.int_codes
+    if int(meta.get('format_version', 1)) < 2: _upgrade_v1(tensors, layers)
     float_weights = {f'{n}.layer.weight' for n in layers}
     expected = {k for k in model.state_dict() if k not in float_weights}
     if set(tensors) != expected:
@@ -206,5 +212,11 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         model.plans = {k: BitPlan(tuple(plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
         model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
     except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
-    set_bits(model, meta.get('current_bits') or max(model.a_bits))
+    set_bits(model, meta.get('current_bits') or max(model.a_bits), w=meta.get('w_bits') if len(model.w_set) > 1 else None)
     return model.to(device).eval().requires_grad_(False)
+
+def _upgrade_v1(tensors: dict[str, Tensor], layers: dict[str, QuantLayer]) -> None:
+    "Format 1 files held one weight step and zero point per layer (`wq.scale`, `wq.zero_point`): as the one-entry stacks of format 2."
+    for n in layers:
+        for old, new in (('scale', 'scales'), ('zero_point', 'zero_points')):
+            if f'{n}.wq.{old}' in tensors: tensors[f'{n}.wq.{new}'] = tensors.pop(f'{n}.wq.{old}')[None]

@@ -135,7 +135,7 @@ def test_the_file_holds_packed_codes_not_float_weights(tmp_path):
     l = qm.units[1].body[0]
     assert codes.dtype == torch.uint8 and codes.numel() == l.layer.weight.numel() // 2        # two 4-bit codes per byte
     assert torch.equal(unpack_codes(codes, 4, l.layer.weight.numel()).reshape(l.layer.weight.shape), l.wq.codes(l.layer.weight))
-    assert {'units.1.out_q.scale', 'units.1.out_q.zero_point', 'units.1.body.0.layer.bias', 'units.1.body.0.wq.scale'} <= keys
+    assert {'units.1.out_q.scale', 'units.1.out_q.zero_point', 'units.1.body.0.layer.bias', 'units.1.body.0.wq.scales'} <= keys
 
 # ---------------------------------------------------------------- errors
 

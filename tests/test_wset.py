@@ -1,0 +1,175 @@
+"""One calibration for several (weight, activation) pairs (issue 16): per-bit weight steps and the shared rounding by hand,
+pair groups, switching invariants over (w, a), save/load and export with weight sets, and bad configs."""
+import copy, json
+import pytest
+import torch
+from ptmq.quant import WeightQuantizer, observe, weight_set
+from ptmq.mfm import PairGroups, parse_pair
+from ptmq.recon import PTMQConfig, ptmq
+from ptmq.blocks import set_bits, weight_quantizers, act_quantizers
+from ptmq.models import cifar_resnet
+from ptmq.serialize import save, load, read_metadata, model_tensors, _digest, FORMAT
+from ptmq.export import export_module
+from ptmq.arch import quantize_model
+
+# ---------------------------------------------------------------- the quantizer
+
+def test_per_bit_steps_and_shared_rounding_by_hand():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    q = WeightQuantizer(w, (8, 3), observer='mse', p=2.4)
+    assert q.bit_set == (3, 8) and q.bits == 8 and q.scales.shape == (2, 4, 1, 1, 1)
+    for i, b in enumerate((3, 8)):                                   # one observer step per bit-width, per channel
+        s, z = observe(w.reshape(4, -1), b, 'mse', per_channel=True, p=2.4)
+        assert torch.equal(q.scales[i].flatten(), s) and torch.equal(q.zero_points[i].flatten(), z)
+    s3 = q.scales[0]                                                 # alpha starts at the LOWEST grid's fractions
+    assert torch.allclose(q.h(), w / s3 - torch.floor(w / s3), atol=1e-5)
+    with torch.no_grad(): q.alpha.copy_(torch.randn(q.alpha.shape, generator=g))
+    q.set_mode('hard')
+    up = (q.alpha >= 0).float()
+    for i, b in enumerate((3, 8)):                                   # the same up/down decision on every grid
+        q.idx = i
+        s, z = q.scales[i], q.zero_points[i]
+        want = (torch.clamp(torch.floor(w / s) + up + z, 0, 2 ** b - 1) - z) * s
+        assert torch.equal(q(w), want)
+        assert torch.equal(q.codes(w), torch.clamp(torch.floor(w / s) + up + z, 0, 2 ** b - 1).to(torch.uint8))
+    soft = WeightQuantizer(w, (3, 8), observer='mse', rounding='lowest')
+    with torch.no_grad(): soft.alpha.copy_(q.alpha)
+    soft.set_mode('hard')
+    soft.idx = 1                                                     # 'lowest': the higher grids round to nearest
+    assert torch.equal(soft(w), torch.clamp(torch.round(w / soft.scale) + soft.zero_point, 0, 255).sub(soft.zero_point).mul(soft.scale))
+    soft.idx = 0
+    assert torch.equal(soft(w), (torch.clamp(torch.floor(w / soft.scale) + up + soft.zero_point, 0, 7) - soft.zero_point) * soft.scale)
+
+def test_single_bit_quantizer_is_unchanged_and_codes_per_bit():
+    w = torch.randn(6, 10)
+    one = WeightQuantizer(w, 4)
+    assert one.bit_set == (4,) and one.bits == 4 and one.scale.shape == (6, 1)
+    two = WeightQuantizer(w, (4, 6))
+    two.set_mode('hard'); codes = two.all_codes(w)
+    assert codes.shape == (2, 6, 10) and int(codes[0].max()) <= 15 and two.idx == 1     # all_codes leaves the index alone
+    ref = [two(w) for two.idx in (0, 1)]
+    two.freeze_codes(w)
+    for i in (0, 1):
+        two.idx = i
+        assert torch.equal(two(w), ref[i])
+
+def test_weight_set_errors():
+    assert weight_set([8, 3, 4]) == (3, 4, 8)
+    for bad, msg in (((), 'integers in 2..8'), ((1, 4), 'integers in 2..8'), ((4, 9), 'integers in 2..8'), ((4, 4), 'repeated'),
+                     ((4.0,), 'integers in 2..8')):
+        with pytest.raises(ValueError, match=msg): weight_set(bad)
+    with pytest.raises(ValueError, match='rounding must be one of'): WeightQuantizer(torch.randn(2, 3), (3, 4), rounding='mean')
+
+# ---------------------------------------------------------------- pairs and configs
+
+def test_pair_groups():
+    row = PairGroups.row(['W8A8', 'W3A3', [4, 4], (6, 6)])
+    assert (row.low, row.mid, row.high) == (((3, 3),), ((4, 4), (6, 6)), ((8, 8),))
+    assert row.w_set == (3, 4, 6, 8) and row.a_bits == (3, 4, 6, 8)
+    grid = PairGroups([[4, 4]], [[w, a] for w in (4, 6, 8) for a in (4, 6, 8) if (w, a) not in ((4, 4), (8, 8))], ['W8A8'])
+    assert len(grid.pairs) == 9
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        lo, mid, hi = grid.sample(g)
+        assert lo == (4, 4) and mid in grid.mid and hi == (8, 8)
+    assert PairGroups(**row.to_dict()) == row and str(row) == 'W3A3 | W4A4,W6A6 | W8A8'
+
+@pytest.mark.parametrize('bad, msg', [
+    ({'pairs': ['W3A3', 'W4A4', 'W9A9']}, r'integers in 2\.\.8'),
+    ({'pairs': ['W3A3', 'W4A4', 'W1A8']}, r'integers in 2\.\.8'),
+    ({'pairs': ['W3A3', 'W4A4']}, 'at least three'),
+    ({'pairs': {'low': ['W4A4'], 'mid': ['W6A3'], 'high': ['W8A8']}}, 'rise from low to high'),
+    ({'pairs': {'low': ['W4A4'], 'mid': [], 'high': ['W8A8']}}, "'mid' is empty"),
+    ({'pairs': ['W3A3', 'W6A6', 'W8A8'], 'w_bits': 4}, r"w_bits must be one of the pairs' weight bit-widths \[3, 6, 8\]"),
+    ({'pairs': ['W3A3', 'W4A4', 'W8A8'], 'single_bits': 4}, 'exclude each other'),
+    ({'pairs': ['W3A3', 'W4A4', 'W8A8'], 'observe_on': 'quantized'}, "observe_on='float'"),
+    ({'pairs': ['W3A3', 'W4A4', 'W8A8'], 'w_rounding': 'avg'}, 'w_rounding must be one of'),
+    ({'pairs': ['W3A3', 'W4A4', 'W8A8X']}, "written \\[w, a\\] or 'WwAa'"),
+])
+def test_bad_pair_configs(bad, msg):
+    with pytest.raises((ValueError, TypeError), match=msg): PTMQConfig.from_dict(bad)
+
+def test_config_round_trip():
+    cfg = PTMQConfig(pairs=['W3A3', 'W4A4', 'W6A6', 'W8A8'], w_rounding='lowest')
+    assert cfg.a_bits == (3, 4, 6, 8) and cfg.w_set == (3, 4, 6, 8) and cfg.passes == [(3, 3), (4, 4), (6, 6), (8, 8)]
+    assert PTMQConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert PTMQConfig().w_set == (4,) and PTMQConfig().passes == [4, 6, 8]
+
+# ---------------------------------------------------------------- a calibrated model with a weight set
+
+@pytest.fixture(scope='module')
+def wset_model():
+    torch.manual_seed(0)
+    float_model = cifar_resnet(8, pretrained=False).eval()
+    x = torch.randn(48, 3, 32, 32)
+    cfg = PTMQConfig(pairs=['W3A3', 'W4A4', 'W6A6', 'W8A8'], iters=3, batch_size=8, observe_images=16, observer='mse', seed=0)
+    return ptmq(float_model, x, cfg, progress=False), float_model, x[:6]
+
+PAIRS = [(3, 3), (4, 4), (6, 6), (8, 8)]
+
+def test_wset_calibration_trains_every_pair(wset_model):
+    qm, float_model, x = wset_model
+    assert qm.w_set == (3, 4, 6, 8) and qm.a_bits == (3, 4, 6, 8) and (qm.w_bits, max(qm.a_bits)) == (8, 8)
+    drawn = {p for r in qm.calibration.history for p in r['bits'].split('/')}
+    assert drawn == {'W3A3', 'W4A4', 'W6A6', 'W8A8'} or {'W3A3', 'W8A8'} <= drawn
+    first_last = [q for q in weight_quantizers(qm) if not q.switchable]
+    assert first_last and all(q.bit_set == (8,) for q in first_last)          # first and last layers stay at 8 bits
+    with torch.no_grad(): y = float_model(x)
+    errs = [(set_bits(qm, a, w=w)(x) - y).abs().mean().item() for w, a in PAIRS]
+    assert errs[0] > errs[-1]                                                   # W3A3 further from float than W8A8
+
+def test_switching_over_pairs_is_bit_exact_and_reversible(wset_model):
+    qm, _, x = wset_model
+    with torch.no_grad():
+        ref = {p: set_bits(qm, p[1], w=p[0])(x) for p in PAIRS}
+        for p in [(8, 8), (3, 3), (6, 6), (3, 3), (4, 4), (8, 8)]:
+            assert torch.equal(set_bits(qm, p[1], w=p[0])(x), ref[p])
+        set_bits(qm, 3, w=8); a3w8 = qm(x)
+        set_bits(qm, w=3); assert qm.w_bits == 3 and all(q.current_bits == 3 for q in act_quantizers(qm) if q.switchable)
+        assert not torch.equal(qm(x), a3w8)
+        set_bits(qm, w=8); assert torch.equal(qm(x), a3w8)                    # weights alone switch back
+        assert not torch.equal(ref[(3, 3)], ref[(8, 8)])
+
+def test_switching_errors(wset_model):
+    qm, _, _ = wset_model
+    with pytest.raises(ValueError, match=r'weight bit-width 5 not calibrated in this model; available: \[3, 4, 6, 8\]'): set_bits(qm, 4, w=5)
+    with pytest.raises(ValueError, match='needs activation bit-widths, a weight bit-width'): set_bits(qm)
+    set_bits(qm, 8, w=8)
+
+def test_save_load_round_trip_with_weight_sets(wset_model, tmp_path):
+    qm, _, x = wset_model
+    set_bits(qm, 4, w=6)
+    save(qm, tmp_path / 'm.safetensors')
+    meta = read_metadata(tmp_path / 'm.safetensors')
+    assert meta['w_set'] == [3, 4, 6, 8] and meta['w_bits'] == 6 and meta['spec']['w_bits'] == [3, 4, 6, 8]
+    assert any(v['bits'] == [3, 4, 6, 8] for v in meta['weights'].values()) and any(v['bits'] == 8 for v in meta['weights'].values())
+    back = load(tmp_path / 'm.safetensors')
+    assert back.w_bits == 6 and back.w_set == (3, 4, 6, 8)
+    with torch.no_grad():
+        for w, a in PAIRS + [(3, 8), (8, 3)]:
+            assert torch.equal(set_bits(back, a, w=w)(x), set_bits(qm, a, w=w)(x)), (w, a)
+    m = export_module(back, 4, w=3)                                           # the deployed module at one (w, a)
+    with torch.no_grad(): assert torch.allclose(m(x), set_bits(back, 4, w=3)(x), atol=1e-5)
+    with pytest.raises(ValueError, match='weight bit-width 5 is not calibrated'): export_module(back, 4, w=5)
+    set_bits(qm, 8, w=8)
+
+def test_format_1_files_still_load(tmp_path):
+    "A file of format 1 (one step per layer, `wq.scale`): written here by turning a single-bit model's tensors back into it."
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    qm = quantize_model(cifar_resnet(8, pretrained=False).eval(), 4, (4, 6, 8), observer='minmax')
+    save(qm, tmp_path / 'new.safetensors')
+    tensors, _ = model_tensors(qm)
+    old = {}
+    for k, v in tensors.items():
+        if k.endswith('.wq.scales') or k.endswith('.wq.zero_points'): old[k.rsplit('.', 1)[0] + ('.scale' if k.endswith('scales') else '.zero_point')] = v[0].clone()
+        else: old[k] = v
+    meta = read_metadata(tmp_path / 'new.safetensors')
+    meta.update(format_version=1, tensor_sha256=_digest(old))
+    meta['spec'].pop('head_q', None); meta['spec']['head_q'] = 'last'
+    save_file(old, str(tmp_path / 'old.safetensors'), metadata={'format': FORMAT, 'format_version': '1', 'ptmq': json.dumps(meta)})
+    back = load(tmp_path / 'old.safetensors')
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for b in (4, 6, 8): assert torch.equal(set_bits(back, b)(x), set_bits(qm, b)(x))
