@@ -5,7 +5,7 @@ import pytest
 import torch
 from ptmq.quant import WeightQuantizer, observe, weight_set
 from ptmq.mfm import PairGroups, parse_pair
-from ptmq.recon import PTMQConfig, ptmq
+from ptmq.recon import PTMQConfig, ptmq, round_to_nearest
 from ptmq.blocks import set_bits, weight_quantizers, act_quantizers
 from ptmq.models import cifar_resnet
 from ptmq.serialize import save, load, read_metadata, model_tensors, _digest, FORMAT
@@ -173,3 +173,50 @@ def test_format_1_files_still_load(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         for b in (4, 6, 8): assert torch.equal(set_bits(back, b)(x), set_bits(qm, b)(x))
+
+# ---------------------------------------------------------------- through `ptmq run`
+
+def test_ptmq_run_with_pairs_writes_ptmq_wset_rows(tmp_path, monkeypatch):
+    "The offline default (digits ResNet-8) as one calibration for W2A2 / W3A3 / W4A4, a few iterations: rows, report, kept model."
+    from conftest import REPO
+    from ptmq.runner import run
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    out = run(REPO / 'params' / 'default.yaml', ['ptmq.iters=2', 'calib_images=64', 'ptmq.pairs=[W2A2, W3A3, W4A4]',
+                                                 'deploy.save=true'], tmp_path / 'reports', threads=1)
+    rec = json.loads((out / 'results.json').read_text())
+    rows = [r for r in rec['results'] if r['method'] == 'ptmq_wset']
+    assert [(r['w_bits'], r['a_bits']) for r in rows] == [(2, 2), (3, 3), (4, 4)]
+    assert all(r['calib_seconds'] > 0 and 0 <= r['top1'] <= 100 for r in rows)
+    assert [(r['w_bits'], r['a_bits']) for r in rec['results'] if r['method'] == 'rtn'] == [(2, 2), (3, 3), (4, 4)]
+    assert rec['params']['ptmq']['pairs'] == {'low': [[2, 2]], 'mid': [[3, 3]], 'high': [[4, 4]]}
+    assert [(c['w_bits'], c['a_bits']) for c in rec['deploy']['onnx']] == [(2, 2), (3, 3), (4, 4)]
+    assert all(c['agree'] >= 99 for c in rec['deploy']['onnx'])                 # onnxruntime at each pair against PyTorch
+    back = load(out / 'model.safetensors')
+    assert back.w_set == (2, 3, 4)
+    from ptmq.export import export_command
+    res = export_command(out / 'model.safetensors', 3, w_bits=2)                 # `ptmq export MODEL --bits 3 --w-bits 2`
+    assert res['onnx'].endswith('model_w2a3.onnx')
+    with pytest.raises(ValueError, match=r'weight bit-width 8 is not calibrated in this model; available: \[2, 3, 4\]'):
+        export_command(out / 'model.safetensors', 3, w_bits=8)
+    assert 'pair groups W2A2 | W3A3 | W4A4' in (out / 'report.html').read_text()
+
+def test_params_with_pairs_refuse_what_is_not_supported_yet():
+    from conftest import REPO
+    from ptmq.experiment import load_params, ParamsError
+    with pytest.raises(ParamsError, match="key 'mixed_precision': mixed-precision plans over"):
+        load_params(REPO / 'params' / 'default.yaml', ['ptmq.pairs=[W2A2, W3A3, W4A4]', 'mixed_precision={budgets: [3.0]}'], check_paths=False)
+
+def test_vit_with_a_weight_set_switches_and_round_trips(tmp_path):
+    "A ViT's linear layers get the weight set; its patch embedding and head keep 8 bits; save/load bit-exact at every pair."
+    from timm.models.vision_transformer import VisionTransformer
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=10).eval()
+    qm = round_to_nearest(vit, torch.randn(16, 3, 32, 32), PTMQConfig(pairs=['W4A4', 'W4A8', 'W8A8'], observer='minmax', observe_images=8))
+    sets = {q.bit_set for q in weight_quantizers(qm)}
+    assert sets == {(4, 8), (8,)} and qm.w_set == (4, 8)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = {(w, a): set_bits(qm, a, w=w)(x) for w in (4, 8) for a in (4, 8)}
+        assert not torch.equal(ref[(4, 8)], ref[(8, 8)])
+        save(qm, tmp_path / 'vit.safetensors')
+        back = load(tmp_path / 'vit.safetensors')
+        for (w, a), y in ref.items(): assert torch.equal(set_bits(back, a, w=w)(x), y), (w, a)
