@@ -229,7 +229,7 @@ def register_architecture(name: str, matches, units: Callable, config: Callable,
 def quantize_model(model: nn.Module, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8,
                    head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True,
                    arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last',
-                   w_rounding: str = 'shared') -> QuantModel:
+                   w_rounding: str = 'per_bit') -> QuantModel:
     "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths."
     registry = registry if registry is not None else ARCHITECTURES
     a = arch if isinstance(arch, Architecture) else (registry.find(model) if arch is None else registry[arch])

@@ -22,7 +22,7 @@ class QuantLayer(nn.Module):
     "A frozen conv/linear with quantized weights, an optional activation, and optional input/output activation quantizers."
     def __init__(self, layer: nn.Conv2d | nn.Linear, w_bits: int | Sequence[int], act: nn.Module | None = None,
                  out_q: ActQuantizer | None = None, in_q: ActQuantizer | None = None, observer: str = 'mse', p: float = 2.0,
-                 w_switchable: bool = True, w_rounding: str = 'shared'):
+                 w_switchable: bool = True, w_rounding: str = 'per_bit'):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)): raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer.requires_grad_(False)
@@ -101,7 +101,7 @@ class QuantSpec:
     `head_q='last'` (QDrop's setting) holds the last activation quantizer before the classifier at `head_a_bits`;
     `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`."""
     def __init__(self, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
-                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'shared'):
+                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'per_bit'):
         if head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {head_q!r}")
         self.w_set, self.a_bits, self.first_last_w_bits, self.head_a_bits = weight_set(w_bits), tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
         self.observer, self.p, self.quant_attn_matmul, self.head_q, self.w_rounding = observer, p, quant_attn_matmul, head_q, w_rounding

@@ -94,7 +94,7 @@ def observe(x: Tensor, bits: int, observer: str = 'mse', per_channel: bool = Fal
     return OBSERVERS[observer](x, bits, per_channel, p=p)
 
 # %% ../nbs/00_quantizers.ipynb #69d1d0cd
-W_ROUNDING = ('shared', 'lowest')
+W_ROUNDING = ('shared', 'lowest', 'per_bit')
 
 def weight_set(bits: int | Sequence[int]) -> tuple[int, ...]:
     "A weight bit-width or a set of them as a sorted tuple, checked: integers in 2..8, none repeated."
@@ -105,25 +105,28 @@ def weight_set(bits: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(bit_set))
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric weight quantizer: one frozen step per weight bit-width in `bits` and ONE set of AdaRound
-    rounding variables `alpha`. `rounding='shared'` (the paper's R): every grid rounds each weight the same way, up or down;
-    `'lowest'`: only the lowest bit-width's grid uses the learned rounding, the others round to nearest."""
+    """Per-output-channel asymmetric weight quantizer: one frozen step per weight bit-width in `bits` and AdaRound rounding
+    variables `alpha`. `rounding='shared'` (the paper's R, one `alpha`): every grid rounds each weight the same way, up or
+    down; `'lowest'`: only the lowest bit-width's grid uses the learned rounding, the others round to nearest;
+    `'per_bit'`: one `alpha` per weight bit-width (`alpha[i]` for `bits[i]`)."""
     gamma, zeta = -0.1, 1.1
     modes = ('nearest', 'soft', 'hard')
 
     def __init__(self, weight: Tensor, bits: int | Sequence[int], observer: str = 'mse', p: float = 2.0,
-                 switchable: bool = True, rounding: str = 'shared'):
+                 switchable: bool = True, rounding: str = 'per_bit'):
         super().__init__()
         if rounding not in W_ROUNDING: raise ValueError(f"rounding must be one of {W_ROUNDING}, got {rounding!r}")
-        self.bit_set, self.switchable, self.rounding = weight_set(bits), switchable, rounding
+        self.bit_set, self.switchable = weight_set(bits), switchable
+        self.rounding = rounding if len(self.bit_set) > 1 else 'shared'   # one bit-width: the three rules are the same
         w = weight.detach().reshape(weight.shape[0], -1)
         shape = (-1,) + (1,) * (weight.dim() - 1)
         steps = [observe(w, b, observer, per_channel=True, p=p) for b in self.bit_set]
         self.register_buffer('scales', torch.stack([s.reshape(shape) for s, _ in steps]))
         self.register_buffer('zero_points', torch.stack([z.reshape(shape) for _, z in steps]))
         self.idx = len(self.bit_set) - 1                   # the current bit-width: the highest
-        low = weight.detach() / self.scales[0]             # the rounding starts at the lowest grid's fractions
-        self.alpha = nn.Parameter(self.alpha_for(low - torch.floor(low)))
+        frac = lambda s: weight.detach() / s - torch.floor(weight.detach() / s)
+        if self.rounding == 'per_bit': self.alpha = nn.Parameter(torch.stack([self.alpha_for(frac(s)) for s in self.scales]))
+        else: self.alpha = nn.Parameter(self.alpha_for(frac(self.scales[0])))   # shared: starts at the lowest grid's fractions
         self.mode, self.enabled = 'nearest', True
 
     @property
@@ -146,8 +149,13 @@ class WeightQuantizer(nn.Module):
         return -torch.log((cls.zeta - cls.gamma) / (h - cls.gamma) - 1)
 
     def h(self) -> Tensor:
-        "Rectified sigmoid `h(alpha)` in [0, 1]: the soft rounding offset."
+        "Rectified sigmoid `h(alpha)` in [0, 1]: the soft rounding offsets (of every bit-width with `rounding='per_bit'`)."
         return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+
+    def _up(self, soft: bool) -> Tensor:
+        "The rounding offset of the current bit-width: soft `h`, or hard `alpha >= 0`."
+        a = self.alpha[self.idx] if self.rounding == 'per_bit' else self.alpha
+        return torch.clamp(torch.sigmoid(a) * (self.zeta - self.gamma) + self.gamma, 0, 1) if soft else (a >= 0).to(a.dtype)
 
     def set_mode(self, mode: str) -> None:
         if mode not in self.modes: raise ValueError(f"unknown mode {mode!r}; choose one of {self.modes}")
@@ -161,7 +169,7 @@ class WeightQuantizer(nn.Module):
         "The integer codes (uint8, in `0..qmax`) of `w` at the current bit-width under the current rounding, `'nearest'` or `'hard'`."
         if self.mode == 'codes': return self.int_codes[self.idx]
         if self.mode == 'soft': raise ValueError("soft rounding has no integer codes: round hard first (set_mode('hard'))")
-        q = torch.round(w / self.scale) if self._nearest() else torch.floor(w / self.scale) + (self.alpha >= 0).to(w.dtype)
+        q = torch.round(w / self.scale) if self._nearest() else torch.floor(w / self.scale) + self._up(False)
         return torch.clamp(q + self.zero_point, 0, self.qmax).to(torch.uint8)
 
     @torch.no_grad()
@@ -192,7 +200,7 @@ class WeightQuantizer(nn.Module):
         if not self.enabled: return w
         if self.mode == 'codes': return self.dequantized()
         if self._nearest(): return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
-        r = self.h() if self.mode == 'soft' else (self.alpha >= 0).to(w.dtype)
+        r = self._up(self.mode == 'soft')
         return (torch.clamp(torch.floor(w / self.scale) + r + self.zero_point, 0, self.qmax) - self.zero_point) * self.scale
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ class PTMQConfig:
     w_bits: int = 4
     groups: BitGroups = field(default_factory=BitGroups)
     pairs: PairGroups | None = None
-    w_rounding: str = 'shared'
+    w_rounding: str = 'per_bit'
     first_last_w_bits: int = 8
     head_a_bits: int = 8
     head_q: str = 'last'

@@ -17,7 +17,7 @@ from ptmq.arch import quantize_model
 def test_per_bit_steps_and_shared_rounding_by_hand():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 3, 3, 3, generator=g)
-    q = WeightQuantizer(w, (8, 3), observer='mse', p=2.4)
+    q = WeightQuantizer(w, (8, 3), observer='mse', p=2.4, rounding='shared')
     assert q.bit_set == (3, 8) and q.bits == 8 and q.scales.shape == (2, 4, 1, 1, 1)
     for i, b in enumerate((3, 8)):                                   # one observer step per bit-width, per channel
         s, z = observe(w.reshape(4, -1), b, 'mse', per_channel=True, p=2.4)
@@ -40,6 +40,23 @@ def test_per_bit_steps_and_shared_rounding_by_hand():
     assert torch.equal(soft(w), torch.clamp(torch.round(w / soft.scale) + soft.zero_point, 0, 255).sub(soft.zero_point).mul(soft.scale))
     soft.idx = 0
     assert torch.equal(soft(w), (torch.clamp(torch.floor(w / soft.scale) + up + soft.zero_point, 0, 7) - soft.zero_point) * soft.scale)
+
+def test_per_bit_rounding_by_hand():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 8, generator=g)
+    q = WeightQuantizer(w, (3, 4, 8), observer='mse', rounding='per_bit')
+    assert q.alpha.shape == (3, 3, 8)
+    for i in range(3):                                               # each grid starts at its own fractions
+        s = q.scales[i]
+        assert torch.allclose(q.h()[i], w / s - torch.floor(w / s), atol=1e-5)
+    with torch.no_grad(): q.alpha.copy_(torch.randn(q.alpha.shape, generator=g))
+    q.set_mode('hard')
+    for i, b in enumerate((3, 4, 8)):
+        q.idx = i
+        s, z, up = q.scales[i], q.zero_points[i], (q.alpha[i] >= 0).float()
+        assert torch.equal(q(w), (torch.clamp(torch.floor(w / s) + up + z, 0, 2 ** b - 1) - z) * s)
+    q.set_mode('soft'); q.idx = 1
+    assert torch.equal(q(w), (torch.clamp(torch.floor(w / q.scale) + q.h()[1] + q.zero_point, 0, 15) - q.zero_point) * q.scale)
 
 def test_single_bit_quantizer_is_unchanged_and_codes_per_bit():
     w = torch.randn(6, 10)
