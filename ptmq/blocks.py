@@ -120,7 +120,7 @@ class QuantSpec:
         return QuantLayer(fc, self.w_set, act, in_q=self.aq(), observer=self.observer, p=self.p, w_rounding=self.w_rounding)
     def to_dict(self) -> dict:
         "What a saved model needs to rebuild its quantizers (the observer and the weight rounding rule only set initial values, so they are not needed)."
-        return {'w_bits': list(self.w_bits) if len(self.w_set) > 1 else self.w_bits, 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
+        return {'w_bits': list(self.w_set) if len(self.w_set) > 1 else self.w_set[0], 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
                 'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
@@ -196,7 +196,7 @@ def _set_w_bits(model: nn.Module, w: int) -> None:
     "Every switchable weight quantizer of `model` at weight bit-width `w` (checked before anything changes; a part of a model with none switches nothing)."
     qs = [q for q in weight_quantizers(model) if q.switchable]
     avail = getattr(model, 'w_set', None) or sorted({b for q in qs for b in q.bit_set})
-    if (qs or hasattr(model, 'w_set')) and w not in avail:
+    if avail and w not in avail:
         raise ValueError(f"weight bit-width {w!r} not calibrated in this model; available: {list(avail)}")
     idx = [q.index(w) for q in qs]
     for q, i in zip(qs, idx): q.idx = i

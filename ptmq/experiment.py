@@ -307,10 +307,9 @@ def onnx_checks(qm: torch.nn.Module, p: ExperimentParams, prep: Prepared, progre
     with tempfile.TemporaryDirectory() as d:
         for w, b in served_pairs(p.ptmq):
             t = time.perf_counter()
-            w_arg = w if len(qm.w_set) > 1 else None
-            f = export_onnx(qm, Path(d) / f'w{w}a{b}.onnx', b, prep.data_config['input_size'], w=w_arg)
+            f = export_onnx(qm, Path(d) / f'w{w}a{b}.onnx', b, prep.data_config['input_size'], w=w)
             seconds = time.perf_counter() - t
-            rows.append({'w_bits': w, **check_onnx(qm, f, b, data, p.eval_batch, p.deploy.latency_images, progress=progress, w=w_arg),
+            rows.append({'w_bits': w, **check_onnx(qm, f, b, data, p.eval_batch, p.deploy.latency_images, progress=progress, w=w),
                          'export_seconds': round(seconds, 1)})
     return rows
 

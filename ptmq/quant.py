@@ -148,40 +148,40 @@ class WeightQuantizer(nn.Module):
         "The `alpha` at which the rectified sigmoid equals `h` (the inverse of `h(alpha)` on (0, 1))."
         return -torch.log((cls.zeta - cls.gamma) / (h - cls.gamma) - 1)
 
-    def h(self) -> Tensor:
-        "Rectified sigmoid `h(alpha)` in [0, 1]: the soft rounding offsets (of every bit-width with `rounding='per_bit'`)."
-        return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
+    @classmethod
+    def rect(cls, alpha: Tensor) -> Tensor:
+        "Rectified sigmoid in [0, 1]: the soft rounding offset of `alpha`."
+        return torch.clamp(torch.sigmoid(alpha) * (cls.zeta - cls.gamma) + cls.gamma, 0, 1)
 
-    def _up(self, soft: bool) -> Tensor:
-        "The rounding offset of the current bit-width: soft `h`, or hard `alpha >= 0`."
-        a = self.alpha[self.idx] if self.rounding == 'per_bit' else self.alpha
-        return torch.clamp(torch.sigmoid(a) * (self.zeta - self.gamma) + self.gamma, 0, 1) if soft else (a >= 0).to(a.dtype)
+    def h(self) -> Tensor:
+        "The soft rounding offsets `h(alpha)` (of every bit-width with `rounding='per_bit'`)."
+        return self.rect(self.alpha)
+
+    def _up(self, soft: bool, i: int) -> Tensor:
+        "The rounding offset at bit-width index `i`: soft `h`, or hard `alpha >= 0`."
+        a = self.alpha[i] if self.rounding == 'per_bit' else self.alpha
+        return self.rect(a) if soft else (a >= 0).to(a.dtype)
 
     def set_mode(self, mode: str) -> None:
         if mode not in self.modes: raise ValueError(f"unknown mode {mode!r}; choose one of {self.modes}")
         if self.mode == 'codes': raise ValueError("this weight quantizer holds integer codes only (a saved model): its rounding cannot change")
         self.mode = mode
 
-    def _nearest(self) -> bool: return self.mode == 'nearest' or (self.rounding == 'lowest' and self.idx > 0)
+    def _nearest(self, i: int) -> bool: return self.mode == 'nearest' or (self.rounding == 'lowest' and i > 0)
 
     @torch.no_grad()
-    def codes(self, w: Tensor) -> Tensor:
-        "The integer codes (uint8, in `0..qmax`) of `w` at the current bit-width under the current rounding, `'nearest'` or `'hard'`."
-        if self.mode == 'codes': return self.int_codes[self.idx]
+    def codes(self, w: Tensor, i: int | None = None) -> Tensor:
+        "The integer codes (uint8, in `0..qmax`) of `w` at bit-width index `i` (default: the current one) under the current rounding, `'nearest'` or `'hard'`."
+        i = self.idx if i is None else i
+        if self.mode == 'codes': return self.int_codes[i]
         if self.mode == 'soft': raise ValueError("soft rounding has no integer codes: round hard first (set_mode('hard'))")
-        q = torch.round(w / self.scale) if self._nearest() else torch.floor(w / self.scale) + self._up(False)
-        return torch.clamp(q + self.zero_point, 0, self.qmax).to(torch.uint8)
+        s, z = self.scales[i], self.zero_points[i]
+        q = torch.round(w / s) if self._nearest(i) else torch.floor(w / s) + self._up(False, i)
+        return torch.clamp(q + z, 0, 2 ** self.bit_set[i] - 1).to(torch.uint8)
 
-    @torch.no_grad()
     def all_codes(self, w: Tensor) -> Tensor:
         "The codes of `w` at every weight bit-width, stacked: `[len(bit_set), *w.shape]`."
-        idx = self.idx
-        try:
-            out = []
-            for i in range(len(self.bit_set)):
-                self.idx = i; out.append(self.codes(w))
-        finally: self.idx = idx
-        return torch.stack(out)
+        return torch.stack([self.codes(w, i) for i in range(len(self.bit_set))])
 
     def freeze_codes(self, w: Tensor | None = None, codes: Tensor | None = None) -> None:
         "Keep the integer codes at every bit-width (of `w` under the current rounding, or `codes` as given, `[len(bit_set), *shape]`) and drop `alpha`: mode `'codes'`."
@@ -199,8 +199,8 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled: return w
         if self.mode == 'codes': return self.dequantized()
-        if self._nearest(): return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
-        r = self._up(self.mode == 'soft')
+        if self._nearest(self.idx): return fake_quant(w, self.scale, self.zero_point, 0, self.qmax)
+        r = self._up(self.mode == 'soft', self.idx)
         return (torch.clamp(torch.floor(w / self.scale) + r + self.zero_point, 0, self.qmax) - self.zero_point) * self.scale
 
     def extra_repr(self) -> str:

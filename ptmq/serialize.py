@@ -212,7 +212,7 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         model.plans = {k: BitPlan(tuple(plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
         model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
     except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
-    set_bits(model, meta.get('current_bits') or max(model.a_bits), w=meta.get('w_bits') if len(model.w_set) > 1 else None)
+    set_bits(model, meta.get('current_bits') or max(model.a_bits), w=meta.get('w_bits'))
     return model.to(device).eval().requires_grad_(False)
 
 def _upgrade_v1(tensors: dict[str, Tensor], layers: dict[str, QuantLayer]) -> None:
