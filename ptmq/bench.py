@@ -10,20 +10,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 import torch
 from torch import nn, Tensor
-from .mfm import BitGroups
+from .mfm import BitGroups, PairGroups, parse_pair
 from .recon import PTMQConfig, ptmq
 from .blocks import set_bits
 
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model',
-           'run_benchmark', 'summarize', 'cost_ratios', 'accuracy_table', 'time_table', 'plot_benchmark', 'reading']
+__all__ = ['log', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one',
+           'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table',
+           'plot_benchmark', 'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
 class Method:
-    "A benchmarked method: its label, its kind (`rtn`, `multi`: one calibration for all bits, `single`: one per bit) and its config switches."
+    "A benchmarked method: its label, its kind (`rtn`, `multi`: one calibration for all activation bits, `single`: one per bit, `wset`: one for (w, a) pairs) and its config switches."
     label: str
     kind: str
     overrides: dict = field(default_factory=dict)
@@ -53,6 +54,8 @@ METHODS: dict[str, Method] = {
                            'each pass matched to the float output (lambda-weighted), instead of the mixed output'),
     'ptmq_no_mfm_fp_each': Method('PTMQ, no MFM, float term per pass', 'multi', {'mfm': 'none', 'gd_fp': 'each'},
                                   'each pass on its own float-dropped input and matched to the float output; distillation kept'),
+    'ptmq_wset': Method('PTMQ, one calibration for the row', 'wset', {},
+                        "one calibration for every (weight, activation) pair of a row setting: weights switch too (issue 16)"),
     'ptmq_amp': Method('PTMQ, bfloat16 autocast', 'multi', {'amp': True}, 'the same calibration with the passes of the loop under bfloat16 autocast'),
 }
 
@@ -66,42 +69,59 @@ class Run:
     seed: int
     single_bits: int | None = None
     iters: int | None = None            # iterations per unit when not the base config's (the multi-bit runs under `multi_iters`)
+    pairs: PairGroups | None = None     # `wset` runs: the (w, a) pairs of the one calibration
+    serve: tuple[int, ...] | None = None  # the activation bit-widths evaluated, when not all the run serves (a row's separate PTMQ runs)
 
     def __post_init__(self):
         if self.method not in METHODS: raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        single = METHODS[self.method].kind == 'single'
-        if single != (self.single_bits is not None) or (single and self.single_bits not in self.groups.all_bits):
-            raise ValueError(f"{self.method} needs single_bits {'in ' + str(self.groups.all_bits) if single else 'None'}, got {self.single_bits}")
+        kind = METHODS[self.method].kind
+        if (kind == 'single') != (self.single_bits is not None) or (kind == 'single' and self.single_bits not in self.groups.all_bits):
+            raise ValueError(f"{self.method} needs single_bits {'in ' + str(self.groups.all_bits) if kind == 'single' else 'None'}, got {self.single_bits}")
+        if (kind == 'wset') != (self.pairs is not None): raise ValueError(f"{self.method}: (w, a) pairs are {'needed' if kind == 'wset' else 'only for ptmq_wset'}")
+        if self.serve is not None and not set(self.serve) <= set(self.groups.all_bits):
+            raise ValueError(f"serve {self.serve} is not within the groups {self.groups.all_bits}")
 
     @property
-    def a_bits(self) -> tuple[int, ...]: return (self.single_bits,) if self.single_bits is not None else self.groups.all_bits
+    def a_bits(self) -> tuple[int, ...]:
+        return (self.single_bits,) if self.single_bits is not None else self.pairs.a_bits if self.pairs is not None else self.serve or self.groups.all_bits
+
+    @property
+    def served(self) -> list[tuple[int, int]]:
+        "The (w, a) pairs this run is evaluated at."
+        return list(self.pairs.pairs) if self.pairs is not None else [(self.w_bits, a) for a in self.a_bits]
 
     def config(self, base: PTMQConfig) -> PTMQConfig:
-        "The PTMQ config of this run: `base` with the method's switches, the setting's bits and the seed."
+        "The PTMQ config of this run: `base` with the method's switches, the setting's bits (or pairs) and the seed."
         m = METHODS[self.method]
-        cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, **m.overrides)
+        cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs, **m.overrides)
         if self.iters is not None: cfg = dataclasses.replace(cfg, iters=self.iters)
         return dataclasses.replace(cfg, iters=0) if m.kind == 'rtn' else cfg
 
     def describe(self) -> str:
-        bits = f"A{self.single_bits}" if self.single_bits is not None else 'A' + '/'.join(map(str, self.groups.all_bits))
-        return f"{METHODS[self.method].label} W{self.w_bits}{bits} seed {self.seed}" + (f" ({self.iters} it)" if self.iters is not None else '')
+        bits = (f"{self.pairs}" if self.pairs is not None else f"W{self.w_bits}A{self.single_bits}" if self.single_bits is not None
+                else f"W{self.w_bits}A" + '/'.join(map(str, self.a_bits)))
+        return f"{METHODS[self.method].label} {bits} seed {self.seed}" + (f" ({self.iters} it)" if self.iters is not None else '')
 
     def to_dict(self) -> dict[str, Any]:
         return {'method': self.method, 'w_bits': self.w_bits, 'groups': {k: list(v) for k, v in dataclasses.asdict(self.groups).items()},
-                'seed': self.seed, 'single_bits': self.single_bits, **({'iters': self.iters} if self.iters is not None else {})}
+                'seed': self.seed, 'single_bits': self.single_bits, **({'iters': self.iters} if self.iters is not None else {}),
+                **({'pairs': self.pairs.to_dict()} if self.pairs is not None else {}), **({'serve': list(self.serve)} if self.serve is not None else {})}
 
 @dataclass(frozen=True)
 class BenchSetting:
-    "A weight bit-width, its activation groups, the methods to run, and the bit-widths of the single-bit methods."
+    "A weight bit-width, its activation groups, the methods to run, and the bit-widths of the single-bit methods; or a row: (w, a) `pairs`."
     w_bits: int
     groups: BitGroups
     methods: tuple[str, ...]
     a_bits: tuple[int, ...] | None = None
+    pairs: PairGroups | None = None     # a row setting: one `ptmq_wset` calibration for these pairs against a calibration per weight/pair
 
     def __post_init__(self):
+        if self.pairs is not None: self._row()
         if isinstance(self.groups, dict): object.__setattr__(self, 'groups', BitGroups(**self.groups))
         object.__setattr__(self, 'methods', tuple(self.methods))
+        wset = [m for m in self.methods if METHODS.get(m) and METHODS[m].kind == 'wset']
+        if wset and self.pairs is None: raise ValueError(f"{wset[0]} needs the setting's (w, a) pairs: add 'pairs' (e.g. [W3A3, W4A4, W6A6, W8A8])")
         if not isinstance(self.w_bits, int) or not 2 <= self.w_bits <= 8: raise ValueError(f"w_bits must be an integer in 2..8, got {self.w_bits!r}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown: raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
@@ -111,15 +131,34 @@ class BenchSetting:
             bad = [b for b in self.a_bits if b not in self.groups.all_bits]
             if bad: raise ValueError(f"a_bits {bad} are not in the groups {self.groups.all_bits}")
 
+    def _row(self):
+        "A row setting: pairs parsed; weight bit-width the highest; activation groups, when not given, the pairs' lowest, middle and highest."
+        p = self.pairs
+        p = PairGroups(**p) if isinstance(p, dict) else PairGroups.row(p) if isinstance(p, (list, tuple)) else p
+        if not isinstance(p, PairGroups): raise TypeError("pairs must be a list of (w, a) pairs (a row) or a dict with low/mid/high lists")
+        object.__setattr__(self, 'pairs', p)
+        if self.a_bits is not None: raise ValueError("a row setting evaluates the single-bit methods at its pairs: drop 'a_bits'")
+        bad = [m for m in self.methods if m in METHODS and m not in ROW_METHODS]
+        if bad: raise ValueError(f"method(s) {bad} do not run in a row setting (pairs); these do: {', '.join(ROW_METHODS)}")
+        if self.groups is None:       # the separate single-weight PTMQ runs need activation groups covering every pair's a
+            a = p.a_bits
+            if len(a) < 3: raise ValueError(f"the pairs have {len(a)} activation bit-width(s) {list(a)}: give 'groups' for the separate PTMQ runs")
+            object.__setattr__(self, 'groups', BitGroups((a[0],), tuple(a[1:-1]), (a[-1],)))
+        g = self.groups if isinstance(self.groups, BitGroups) else BitGroups(**self.groups)
+        if not set(p.a_bits) <= set(g.all_bits): raise ValueError(f"groups {g.all_bits} must hold every activation bit-width of the pairs {list(p.a_bits)}")
+        object.__setattr__(self, 'w_bits', max(p.w_set))
+
     @property
     def single_bits(self) -> tuple[int, ...]: return self.a_bits or self.groups.all_bits
+
+ROW_METHODS = ('ptmq_wset', 'ptmq', 'qdrop', 'brecq', 'qdrop_input_only', 'rtn')
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
     "What a benchmark runs: settings, seeds, which methods get every seed, and whether finished runs are reused from the cache."
     settings: tuple[BenchSetting, ...]
     seeds: tuple[int, ...] = (0, 1, 2)
-    seeded: tuple[str, ...] = ('ptmq', 'qdrop')
+    seeded: tuple[str, ...] = ('ptmq', 'qdrop', 'ptmq_wset')
     reuse: bool = True
     multi_iters: int | None = None      # iterations per unit of the multi-bit methods (PTMQ and its variants); None: the base config's
 
@@ -133,37 +172,58 @@ class BenchmarkSpec:
         if mi is not None and (not isinstance(mi, int) or isinstance(mi, bool) or mi < 1):
             raise ValueError(f"benchmark.multi_iters must be a positive integer (iterations per unit of the multi-bit methods) or absent, got {mi!r}")
         raw = d.get('settings') or [{}]
-        if not isinstance(raw, list): raise ValueError("benchmark.settings must be a list of {w_bits, groups, methods, a_bits}")
+        if not isinstance(raw, list): raise ValueError("benchmark.settings must be a list of {w_bits, groups, methods, a_bits} or {pairs, methods, groups}")
         settings = []
         for i, s in enumerate(raw):
-            extra = sorted(set(s) - {'w_bits', 'groups', 'methods', 'a_bits'})
-            if extra: raise ValueError(f"benchmark.settings[{i}]: unknown key(s) {extra}; known: w_bits, groups, methods, a_bits")
-            try: settings.append(BenchSetting(s.get('w_bits', base.w_bits), s.get('groups', base.groups), s.get('methods', tuple(METHODS)), s.get('a_bits')))
+            extra = sorted(set(s) - {'w_bits', 'groups', 'methods', 'a_bits', 'pairs'})
+            if extra: raise ValueError(f"benchmark.settings[{i}]: unknown key(s) {extra}; known: w_bits, groups, methods, a_bits, pairs")
+            row = s.get('pairs') is not None
+            if row and 'w_bits' in s: raise ValueError(f"benchmark.settings[{i}]: a row setting takes its weight bit-widths from 'pairs': drop 'w_bits'")
+            try: settings.append(BenchSetting(s.get('w_bits', base.w_bits), s.get('groups', None if row else base.groups),
+                                              s.get('methods', ROW_METHODS if row else tuple(m for m in METHODS if m != 'ptmq_wset')), s.get('a_bits'), s.get('pairs')))
             except (ValueError, TypeError) as e: raise ValueError(f"benchmark.settings[{i}]: {e}") from None
-        if not any('ptmq' in s.methods for s in settings):
+        if any(s.pairs is not None for s in settings):
+            if len(settings) > 1: raise ValueError("a row setting (pairs) is a benchmark of its own: put other settings in another parameter file")
+            if 'ptmq_wset' not in settings[0].methods: raise ValueError("the row setting does not run 'ptmq_wset' (the one calibration it is about); add it to its methods")
+        elif not any('ptmq' in s.methods for s in settings):
             raise ValueError("no setting runs 'ptmq': the report is built around PTMQ's calibration (its loss curves, the cost ratio); add 'ptmq' to a setting's methods")
         seeds = tuple(d.get('seeds', (0, 1, 2)))
         if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
             raise ValueError(f"benchmark.seeds must be a non-empty list of distinct integers, got {d.get('seeds')!r}")
-        seeded = tuple(d.get('seeded', ('ptmq', 'qdrop')))
+        seeded = tuple(d.get('seeded', cls.seeded))
         bad = [m for m in seeded if m not in METHODS]
         if bad: raise ValueError(f"benchmark.seeded: unknown method(s) {bad}; known: {', '.join(METHODS)}")
         return cls(tuple(settings), seeds, seeded, bool(d.get('reuse', True)), mi)
 
+    @property
+    def row(self) -> BenchSetting | None:
+        "The row setting, when this benchmark is one."
+        return next((s for s in self.settings if s.pairs is not None), None)
+
     def runs(self) -> list[Run]:
-        "Every calibration of the benchmark, in the order they run (all seeds of a method together)."
+        "Every calibration of the benchmark, in the order they run: all seeds of a method together; in a row, seed by seed (a stopped row still compares whole seeds)."
         out = []
         for s in self.settings:
             for m in s.methods:
-                seeds = self.seeds if m in self.seeded and METHODS[m].kind != 'rtn' else self.seeds[:1]
-                bits = s.single_bits if METHODS[m].kind == 'single' else (None,)
-                iters = self.multi_iters if METHODS[m].kind == 'multi' else None
-                out += [Run(m, s.w_bits, s.groups, seed, b, iters) for b in bits for seed in seeds]
+                kind = METHODS[m].kind
+                seeds = self.seeds if m in self.seeded and kind != 'rtn' else self.seeds[:1]
+                iters = self.multi_iters if kind in ('multi', 'wset') else None
+                if kind == 'wset': out += [Run(m, s.w_bits, s.groups, seed, None, iters, s.pairs) for seed in seeds]
+                elif s.pairs is not None and kind == 'single':      # a row: one calibration per pair
+                    out += [Run(m, w, s.groups, seed, a, iters) for w, a in s.pairs.pairs for seed in seeds]
+                elif s.pairs is not None:                           # a row: one calibration per weight bit-width, read at its pairs
+                    out += [Run(m, w, s.groups, seed, None, iters, serve=tuple(a for ww, a in s.pairs.pairs if ww == w))
+                            for w in s.pairs.w_set for seed in seeds]
+                else:
+                    bits = s.single_bits if kind == 'single' else (None,)
+                    out += [Run(m, s.w_bits, s.groups, seed, b, iters) for b in bits for seed in seeds]
+        if self.row is not None: out.sort(key=lambda r: self.seeds.index(r.seed))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {'settings': [{'w_bits': s.w_bits, 'groups': {k: list(v) for k, v in dataclasses.asdict(s.groups).items()},
-                              'methods': list(s.methods), 'a_bits': None if s.a_bits is None else list(s.a_bits)} for s in self.settings],
+                              'methods': list(s.methods), 'a_bits': None if s.a_bits is None else list(s.a_bits),
+                              **({'pairs': s.pairs.to_dict()} if s.pairs is not None else {})} for s in self.settings],
                 'seeds': list(self.seeds), 'seeded': list(self.seeded), 'reuse': self.reuse, 'multi_iters': self.multi_iters}
 
 # %% ../nbs/12_benchmark.ipynb #4eef19eb
@@ -186,17 +246,18 @@ def run_one(run: Run, model: nn.Module, calib: Tensor, base: PTMQConfig, evaluat
     t0 = time.perf_counter()
     qm = ptmq(model, calib, cfg, progress=progress)
     seconds = time.perf_counter() - t0
-    top1 = {b: evaluate(set_bits(qm, b), f"{run.describe()} A{b}") for b in run.a_bits}
+    if run.pairs is not None: top1 = {f"W{w}A{a}": evaluate(set_bits(qm, a, w=w), f"{run.describe()} W{w}A{a}") for w, a in run.served}
+    else: top1 = {b: evaluate(set_bits(qm, b), f"{run.describe()} A{b}") for b in run.a_bits}
     if save is not None: save(qm)
     cal = qm.calibration
     return {**run.to_dict(), 'seconds': round(seconds, 3), 'loop_seconds': round(cal.seconds, 3), 'iters_per_block': cfg.iters,
             'units': len(qm.units), 'unit_seconds': [round(s, 3) for s in cal.unit_seconds], 'device': cal.device, 'threads': torch.get_num_threads(),
-            'top1': {str(b): v for b, v in top1.items()}, 'history': cal.history if METHODS[run.method].kind == 'multi' else [],
+            'top1': {str(b): v for b, v in top1.items()}, 'history': cal.history if METHODS[run.method].kind in ('multi', 'wset') else [],
             'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 def keeps_model(run: Run, spec: BenchmarkSpec) -> bool:
-    "Whether the benchmark keeps `run`'s calibrated model: PTMQ's first seed, at every weight bit-width."
-    return run.method == 'ptmq' and run.seed == spec.seeds[0]
+    "Whether the benchmark keeps `run`'s calibrated model: PTMQ's first seed, at every weight bit-width; in a row, the one calibration's first seed."
+    return run.seed == spec.seeds[0] and run.method == ('ptmq_wset' if spec.row is not None else 'ptmq')
 
 def run_benchmark(spec: BenchmarkSpec, model: nn.Module, calib: Tensor, base: PTMQConfig, evaluate: Callable[[nn.Module, str], float],
                   context: dict[str, Any] | None = None, cache: str | Path | None = None, progress: bool = True,
@@ -229,16 +290,17 @@ def run_benchmark(spec: BenchmarkSpec, model: nn.Module, calib: Tensor, base: PT
         if path is not None: path.write_text(json.dumps(rec))
         left = sum(1 for r in runs[i + 1:] if METHODS[r.method].kind != 'rtn')
         log.info("[%d/%d] %s: %.0fs calibration, top-1 %s; about %.0f min left", i + 1, len(runs), run.describe(), rec['seconds'],
-                 ', '.join(f"A{b} {v:.2f}" for b, v in rec['top1'].items()), spent / fresh * left / 60)
+                 ', '.join(f"{b if b[:1] in 'Ww' else 'A' + b} {v:.2f}" for b, v in rec['top1'].items()), spent / fresh * left / 60)
     return records
 
 # %% ../nbs/12_benchmark.ipynb #cb8303ce
 def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    "One row per (method, w_bits, a_bits) with `top1` (mean over seeds), `top1_std`, `seeds`, `calib_seconds`."
+    "One row per (method, w_bits, a_bits) with `top1` (mean over seeds), `top1_std`, `seeds`, `calib_seconds` (a weight-set calibration: a row per pair)."
     groups: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in records:
-        for b, v in r['top1'].items():
-            groups.setdefault((r['method'], r['w_bits'], int(b)), []).append((r['seed'], v, r['seconds']))
+        for b, v in r['top1'].items():      # keys: the activation bit-width, or 'WwAa' for a weight-set calibration's pairs
+            w, a = parse_pair(b) if b[:1] in 'Ww' else (r['w_bits'], int(b))
+            groups.setdefault((r['method'], w, a), []).append((r['seed'], v, r['seconds']))
     order = {m: i for i, m in enumerate(METHODS)}
     rows = []
     for (m, w, a), vals in sorted(groups.items(), key=lambda kv: (-kv[0][1], order[kv[0][0]], kv[0][2])):
@@ -262,26 +324,46 @@ def cost_ratios(records: Sequence[dict[str, Any]], multi: str = 'ptmq', single: 
         out[w] = {'ptmq_seconds': round(statistics.fmean(mt), 2), f'{single}_seconds_sum': round(sum_single, 2),
                   'bits': bits, 'ratio': round(statistics.fmean(mt) / sum_single, 3), 'iters': {'ptmq': its(multi), single: its(single)}}
     return out
+def row_costs(records: Sequence[dict[str, Any]], one: str = 'ptmq_wset') -> dict[str, Any]:
+    "A row benchmark's cost: mean seconds of the one weight-set calibration against the summed mean seconds of the separate PTMQ runs (one per weight bit-width) and of the per-pair single-bit runs."
+    mine = [r for r in records if r['method'] == one]
+    if not mine: return {}
+    pairs = [parse_pair(k) for k in mine[0]['top1']]
+    mean = lambda rs: statistics.fmean(r['seconds'] for r in rs) if rs else None
+    out = {'pairs': [f"W{w}A{a}" for w, a in pairs], f'{one}_seconds': round(mean(mine), 2),
+           'iters': {m: sorted({r.get('iters_per_block') for r in records if r['method'] == m} - {None}) for m in dict.fromkeys(r['method'] for r in records)}}
+    per_w = {w: mean([r for r in records if r['method'] == 'ptmq' and r['w_bits'] == w]) for w in sorted({w for w, _ in pairs})}
+    if all(v is not None for v in per_w.values()):
+        out['ptmq_seconds_sum'] = round(sum(per_w.values()), 2); out['ratio_vs_ptmq'] = round(mean(mine) / sum(per_w.values()), 3)
+    for single in ('qdrop', 'brecq'):
+        per_pair = [mean([r for r in records if r['method'] == single and (r['w_bits'], r['single_bits']) == p]) for p in pairs]
+        if all(v is not None for v in per_pair):
+            out[f'{single}_seconds_sum'] = round(sum(per_pair), 2); out[f'ratio_vs_{single}'] = round(mean(mine) / sum(per_pair), 3)
+    return out
+
 
 # %% ../nbs/12_benchmark.ipynb #9ce139d2
-def accuracy_table(rows: Sequence[dict[str, Any]], fp32: float | None = None):
-    "Methods x `WwAa` table of `mean ± std` top-1 strings."
+def accuracy_table(rows: Sequence[dict[str, Any]], fp32: float | None = None, ascending: bool = False):
+    "Methods x `WwAa` table of `mean ± std` top-1 strings (columns by weight bit-width, highest first unless `ascending`: a row's order)."
     import pandas as pd
     df = pd.DataFrame(rows)
     df['bits'] = [f"W{w}A{a}" for w, a in zip(df.w_bits, df.a_bits)]
     df['cell'] = [f"{t:.2f}" + (f" ± {s:.2f}" if s is not None and s == s else '') for t, s in zip(df.top1, df.top1_std)]
     order = list(dict.fromkeys(df.label))
-    cols = list(dict.fromkeys(df.sort_values(['w_bits', 'a_bits'], ascending=[False, True]).bits))
+    cols = list(dict.fromkeys(df.sort_values(['w_bits', 'a_bits'], ascending=[ascending, True]).bits))
     t = df.pivot(index='label', columns='bits', values='cell').reindex(index=order, columns=cols).fillna('')
     t.index.name = 'method'
     if fp32 is not None: t['FP32'] = f"{fp32:.2f}"
     return t
 
 def time_table(records: Sequence[dict[str, Any]]):
-    "Mean wall time (s) of one calibration per method, weight bit-width and bit-width(s) served, with the number of runs."
+    "Mean wall time (s) of one calibration per method, weight bit-width(s) and bit-width(s) served, with the number of runs."
     import pandas as pd
-    df = pd.DataFrame([{'method': METHODS[r['method']].label, 'w_bits': r['w_bits'], 'kind': METHODS[r['method']].kind,
-                        'serves': f"A{r['single_bits']}" if r['single_bits'] else 'A' + '/'.join(r['top1']), 'seconds': r['seconds']} for r in records])
+    def serves(r):
+        if r.get('pairs'): return ', '.join(r['top1'])
+        return f"A{r['single_bits']}" if r['single_bits'] else 'A' + '/'.join(r['top1'])
+    df = pd.DataFrame([{'method': METHODS[r['method']].label, 'kind': METHODS[r['method']].kind, 'serves': serves(r), 'seconds': r['seconds'],
+                        'w_bits': '/'.join(sorted({k[1:k.upper().index('A')] for k in r['top1']}, key=int)) if r.get('pairs') else r['w_bits']} for r in records])
     t = df.groupby(['w_bits', 'method', 'serves'], sort=False).seconds.agg(['mean', 'count']).reset_index()
     return t.rename(columns={'mean': 'seconds per calibration', 'count': 'runs'}).round(1)
 
@@ -309,6 +391,27 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110, bbox_inches='tight')
     return fig
+def plot_row(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | None = None):
+    "A row benchmark: top-1 at each (w, a) pair per method (error bars: std over seeds), the pairs in the row's order."
+    import matplotlib.pyplot as plt, seaborn as sns
+    pairs = sorted({(r['w_bits'], r['a_bits']) for r in rows if r['method'] == 'ptmq_wset'})
+    x = {p: i for i, p in enumerate(pairs)}
+    pal = dict(zip(METHODS, (sns.color_palette('tab10') + sns.color_palette('Set2'))[:len(METHODS)]))
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    names = {'ptmq': 'PTMQ, one calibration per weight bit-width'}
+    for k, m in enumerate(dict.fromkeys(r['method'] for r in rows)):
+        pts = sorted((x[(r['w_bits'], r['a_bits'])], r['top1'], r['top1_std'] or 0.0) for r in rows if r['method'] == m and (r['w_bits'], r['a_bits']) in x)
+        if not pts: continue
+        i, t, s = zip(*pts)
+        ax.errorbar([v + 0.04 * (k - 1) for v in i], t, yerr=s, marker='o', capsize=3, lw=1.4, ms=4, color=pal[m],
+                    label=names.get(m, METHODS[m].label), ls='--' if m == 'rtn' else '-')
+    ax.axhline(fp32, ls=':', c='k', lw=1, label=f'FP32 {fp32:.2f}')
+    ax.set_xticks(range(len(pairs)), [f"W{w}A{a}" for w, a in pairs])
+    ax.set_xlabel('(weight, activation) bit-widths'); ax.set_ylabel('top-1 (%)'); ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    if path is not None: fig.savefig(path, dpi=110, bbox_inches='tight')
+    return fig
+
 
 # %% ../nbs/12_benchmark.ipynb #505a11c9
 def _pm(r): return f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if r['top1_std'] is not None else '')
@@ -360,3 +463,34 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
                          (f"; at {ratios[w]['ratio']:.2f} of QDrop's time." if w in ratios else '.'))
         out += lines
     return '\n'.join(out)
+
+def row_reading(rows: Sequence[dict[str, Any]], fp32: float, costs: dict[str, Any], cpu: bool = True) -> str:
+    "The reading of a row benchmark (issue 16): the one weight-set calibration against the separate PTMQ calibrations and per-pair QDrop, pair by pair, and its cost."
+    by = {(r['method'], r['w_bits'], r['a_bits']): r for r in rows}
+    pairs = sorted((w, a) for (m, w, a) in by if m == 'ptmq_wset')
+    lines, gaps = [], {}
+    for w, a in pairs:
+        o, s, q, r = by[('ptmq_wset', w, a)], by.get(('ptmq', w, a)), by.get(('qdrop', w, a)), by.get(('rtn', w, a))
+        t = f"- **W{w}A{a}**: one calibration {_pm(o)}"
+        if s:
+            gaps[(w, a)] = d = o['top1'] - s['top1']
+            t += f" vs separate PTMQ W{w} {_pm(s)}: {d:+.2f} ({'within' if d >= -1.0 else 'misses'} the 1.0-point target)"
+        if q: t += f"; QDrop W{w}A{a} {_pm(q)} ({o['top1'] - q['top1']:+.2f})"
+        if r: t += f"; round-to-nearest {r['top1']:.2f}"
+        lines.append(t + '.')
+    if gaps:
+        worst = min(gaps, key=gaps.get)
+        lines.append(f"- **Within 1.0 point of the separate calibrations at every pair**: {'**yes**' if gaps[worst] >= -1.0 else '**no**'} "
+                     + (f"(largest loss W{worst[0]}A{worst[1]} {gaps[worst]:+.2f})." if gaps[worst] < 0 else "(at or above them at every pair)."))
+    if 'ratio_vs_ptmq' in costs:
+        its = costs.get('iters', {})
+        it = lambda m: f" ({'/'.join(map(str, its[m]))} iterations per unit)" if its.get(m) else ''
+        lines.append(f"- **Cost**: the one calibration{it('ptmq_wset')} took {costs['ptmq_wset_seconds']:.0f}s, the {len({w for w, _ in pairs})} separate "
+                     f"PTMQ calibrations{it('ptmq')} {costs['ptmq_seconds_sum']:.0f}s together: ratio **{costs['ratio_vs_ptmq']:.2f}** "
+                     f"({'meets' if costs['ratio_vs_ptmq'] <= 0.5 else 'misses'} the 0.5 target on {'CPU' if cpu else 'GPU'})"
+                     + (f"; the {len(pairs)} per-pair QDrop calibrations{it('qdrop')} took {costs['qdrop_seconds_sum']:.0f}s (ratio {costs['ratio_vs_qdrop']:.2f})"
+                        if 'ratio_vs_qdrop' in costs else '') + '.')
+    top = by.get(('ptmq_wset',) + max(pairs)) if pairs else None
+    if top: lines.append(f"- Highest pair against FP32 {fp32:.2f}: {top['top1'] - fp32:+.2f}.")
+    return '\n'.join(lines)
+

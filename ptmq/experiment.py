@@ -228,6 +228,8 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         if not isinstance(raw['benchmark'], dict): raise ParamsError(f"{source}: key 'benchmark' must be a mapping (settings, seeds, seeded, reuse)")
         try: bench = BenchmarkSpec.from_dict(raw['benchmark'], ptmq_cfg)
         except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'benchmark': {e}") from None
+        if bench.row is not None and raw.get('mixed_precision') is not None:
+            raise ParamsError(f"{source}: key 'mixed_precision': mixed-precision plans over (weight, activation) pairs are not supported yet; remove it from this row benchmark")
     p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'deploy': deploy, 'mixed_precision': mixed, 'benchmark': bench})
     if check_paths: p.check_paths(source)
     return p

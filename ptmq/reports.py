@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, logging, os, time
 from pathlib import Path
 from typing import Any, Sequence
+from .mfm import parse_pair
 
 log = logging.getLogger('ptmq')
 
@@ -36,21 +37,26 @@ def load_records(reports: str | os.PathLike = 'reports') -> tuple[list[dict[str,
         else: log.warning("%s: neither an experiment nor a GPU check record; left out of the index", f)
     return exps, gpu
 
-def _ptmq_runs(r: dict[str, Any], w: int) -> list[dict[str, Any]]:
-    "A benchmark's PTMQ calibrations at weight bits `w` (an experiment has none listed: its one calibration is `r['calibration']`)."
-    return [x for x in r.get('benchmark', {}).get('runs', []) if x['method'] == 'ptmq' and x['w_bits'] == w]
+def _main_method(r: dict[str, Any]) -> str:
+    "What a record is about: `ptmq_wset` (one calibration for (w, a) pairs, a row benchmark's too) when it has such rows, else `ptmq`."
+    return 'ptmq_wset' if any(x.get('method') == 'ptmq_wset' for x in r['results']) else 'ptmq'
+
+def _ptmq_runs(r: dict[str, Any], w: int, method: str = 'ptmq') -> list[dict[str, Any]]:
+    "A benchmark's PTMQ calibrations at weight bits `w` (a weight-set calibration: all of them; an experiment has none listed: its one calibration is `r['calibration']`)."
+    return [x for x in r.get('benchmark', {}).get('runs', []) if x['method'] == method and (method == 'ptmq_wset' or x['w_bits'] == w)]
 
 def index_rows(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     "One row per (experiment, bit-width) from experiment records (`load_records`); a benchmark's rows are means over its PTMQ seeds."
     rows = []
     for r in recs:
         by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results']}
+        main = _main_method(r)
         for (m, w, a), top1 in sorted(by.items()):
-            if m != 'ptmq': continue
-            runs = _ptmq_runs(r, w)
+            if m != main: continue
+            runs = _ptmq_runs(r, w, main)
             secs = sum(x['seconds'] for x in runs) / len(runs) if runs else r['calibration']['seconds']
             rows.append({'experiment': f"[{r['name']}]({r['name']}/report.html)", 'model': r['model'], 'dataset': r['dataset'],
-                         'bits': f'W{w}A{a}', 'paper': PAPER_TOP1.get(r['model'], {}).get((w, a)), 'ptmq': top1, 'seeds': len(runs) or 1,
+                         'bits': f'W{w}A{a}' + (' (weight set)' if main == 'ptmq_wset' else ''), 'paper': PAPER_TOP1.get(r['model'], {}).get((w, a)), 'ptmq': top1, 'seeds': len(runs) or 1,
                          'rtn': by.get(('rtn', w, a)), 'fp32': r['fp32_top1'],
                          'iters': r['calibration']['iters_per_block'], 'calib_min': secs / 60,
                          'device': r['calibration']['device'], 'finished': r.get('finished', '')[:10], 'commit': (r.get('git_commit') or '-')[:7]})
@@ -66,9 +72,15 @@ def _benchmark_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
            '| benchmark | model | iters/unit | PTMQ - QDrop | cost ratio | plot |', '|---|---|---|---|---|---|']
     for r in recs:
         by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results'] if x['a_bits'] is not None}
-        deltas = ', '.join(f"W{w}A{a} {by[('ptmq', w, a)] - v:+.2f}" for (m, w, a), v in sorted(by.items(), key=lambda kv: (-kv[0][1], kv[0][2]))
-                           if m == 'qdrop' and ('ptmq', w, a) in by)
+        main, order = _main_method(r), lambda kv: (-kv[0][1], kv[0][2])
+        deltas = ', '.join(f"W{w}A{a} {by[(main, w, a)] - v:+.2f}" for (m, w, a), v in sorted(by.items(), key=order) if m == 'qdrop' and (main, w, a) in by)
         ratios = ', '.join(f"W{w}: {c['ratio']:.2f}" for w, c in r['benchmark'].get('cost_ratio_vs_qdrop', {}).items()) or '-'
+        if main == 'ptmq_wset':        # a row: the one calibration against QDrop per pair, and against the separate PTMQ calibrations
+            sep = ', '.join(f"W{w}A{a} {by[(main, w, a)] - v:+.2f}" for (m, w, a), v in sorted(by.items(), key=order) if m == 'ptmq' and (main, w, a) in by)
+            deltas = f"one calibration for the row: {deltas or '-'}" + (f"; against the separate PTMQ calibrations: {sep}" if sep else '')
+            c = r['benchmark'].get('row_costs', {})
+            ratios = ', '.join(f"{what}: {c[f'ratio_vs_{k}']:.2f}" for k, what in (('ptmq', 'vs separate PTMQ'), ('qdrop', 'vs per-pair QDrop'))
+                               if f'ratio_vs_{k}' in c) or '-'
         out.append(f"| [{r['name']}]({r['name']}/report.html) | {r['model']} | {r['calibration']['iters_per_block']} | {deltas or '-'} | "
                    f"{ratios} | [benchmark.png]({r['name']}/benchmark.png) |")
     return out
@@ -108,9 +120,14 @@ def _deploy_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
         checks = {(c['w_bits'], c['a_bits']): c for c in r['deploy'].get('onnx', [])}
         for f in r['deploy']['model_files']:
             ref, what = (f['checkpoint_bytes'], 'checkpoint') if f.get('checkpoint_bytes') else (f['float32_state_dict_bytes'], 'float32 state dict')
-            cs = [checks[(f['w_bits'], a)] for a in f['a_bits'] if (f['w_bits'], a) in checks]
-            onnx = ', '.join(f"A{c['a_bits']} {c['top1_torch']:.2f} / {c['top1_onnx']:.2f} ({c['max_logit_diff']:.0e})" for c in cs) or '-'
-            out.append(f"| [{r['name']}]({r['name']}/report.html) | {f['file']} | W{f['w_bits']}A{'/'.join(map(str, f['a_bits']))} | "
+            pg = f.get('pairs') or ((r.get('params') or {}).get('ptmq') or {}).get('pairs')     # a weight-set model: its (w, a) pairs
+            served = ([parse_pair(p) for p in pg] if isinstance(pg, list) else sorted(tuple(p) for k in ('low', 'mid', 'high') for p in pg[k])) if pg else \
+                     [(f['w_bits'], a) for a in f['a_bits']]
+            cs = [checks[p] for p in served if p in checks]
+            lab = lambda c: (f"W{c['w_bits']}" if pg else '') + f"A{c['a_bits']}"
+            onnx = ', '.join(f"{lab(c)} {c['top1_torch']:.2f} / {c['top1_onnx']:.2f} ({c['max_logit_diff']:.0e})" for c in cs) or '-'
+            bits = ', '.join(f'W{w}A{a}' for w, a in served) if pg else f"W{f['w_bits']}A{'/'.join(map(str, f['a_bits']))}"
+            out.append(f"| [{r['name']}]({r['name']}/report.html) | {f['file']} | {bits} | "
                        f"{f['bytes'] / 1e6:.3f} | {f['bytes'] / ref:.1%} of the {what} | {onnx} |")
     return out
 

@@ -193,3 +193,105 @@ def test_benchmark_through_the_pipeline(tmp_path, monkeypatch):
     assert mf['bytes'] == (out / 'model.safetensors').stat().st_size and mf['sha256'] == file_sha256(out / 'model.safetensors')
     assert ptmq.load(out / 'model.safetensors').metadata['user'] == {'benchmark': 'bench_digits_resnet8_w3'}
     assert not any('model_path' in x for x in r['benchmark']['runs'])
+
+# --- a row benchmark (issue 16): one weight-set calibration against a calibration per weight bit-width and per pair ---
+ROW = {'pairs': ['W2A2', 'W3A3', 'W4A4'], 'methods': ['ptmq_wset', 'ptmq', 'qdrop']}
+
+@pytest.mark.parametrize('bench,pattern', [
+    ({'settings': [{**ROW, 'a_bits': [2]}]}, r"a row setting evaluates the single-bit methods at its pairs: drop 'a_bits'"),
+    ({'settings': [{**ROW, 'methods': ['ptmq_wset', 'ptmq_no_mfm']}]}, r"method\(s\) \['ptmq_no_mfm'\] do not run in a row setting"),
+    ({'settings': [ROW, {'methods': ['ptmq']}]}, r"a row setting \(pairs\) is a benchmark of its own"),
+    ({'settings': [{'methods': ['ptmq', 'ptmq_wset']}]}, r"ptmq_wset needs the setting's \(w, a\) pairs"),
+    ({'settings': [{**ROW, 'methods': ['ptmq', 'qdrop']}]}, r"the row setting does not run 'ptmq_wset'"),
+    ({'settings': [{**ROW, 'w_bits': 4}]}, r"a row setting takes its weight bit-widths from 'pairs': drop 'w_bits'"),
+    ({'settings': [{**ROW, 'pairs': {'low': [[2, 2]], 'mid': [[3, 2]], 'high': [[4, 4]]}}]}, r"give 'groups' for the separate PTMQ runs"),
+    ({'settings': [{**ROW, 'groups': {'low': [2], 'mid': [3], 'high': [8]}}]}, r"groups \(2, 3, 8\) must hold every activation bit-width of the pairs \[2, 3, 4\]"),
+    ({'settings': [{**ROW, 'pairs': ['W2A2', 'W9A3', 'W4A4']}]}, r"a bit-width pair is \[w, a\] with integers in 2..8"),
+])
+def test_row_benchmark_schema_errors(tmp_path, bench, pattern):
+    f = tmp_path / 'b.yaml'; f.write_text(yaml.safe_dump({**BASE, 'benchmark': bench}))
+    with pytest.raises(ParamsError, match=pattern): load_params(f, check_paths=False)
+
+def test_row_benchmark_refuses_mixed_precision(tmp_path):
+    f = tmp_path / 'b.yaml'; f.write_text(yaml.safe_dump({**BASE, 'benchmark': {'settings': [ROW]}, 'mixed_precision': {'budgets': [5.0]}}))
+    with pytest.raises(ParamsError, match=r"mixed-precision plans over \(weight, activation\) pairs are not supported yet"): load_params(f, check_paths=False)
+
+def test_committed_row_benchmark_plans_the_issue_runs():
+    "Issue 16: the one calibration, four separate single-weight PTMQ runs, a QDrop run per pair, 3 seeds, equal iterations, seed by seed."
+    for name in ('cifar10_resnet20_row', 'cifar10_resnet56_row'):
+        p = load_params(REPO / f'params/bench/{name}.yaml', check_paths=False)
+        runs = p.benchmark.runs()
+        by = lambda m: [r for r in runs if r.method == m]
+        assert [r.seed for r in by('ptmq_wset')] == [0, 1, 2] and all(r.served == [(3, 3), (4, 4), (6, 6), (8, 8)] for r in by('ptmq_wset'))
+        assert sorted((r.w_bits, r.serve, r.seed) for r in by('ptmq')) == sorted((w, (w,), s) for w in (3, 4, 6, 8) for s in (0, 1, 2))
+        assert {r.groups for r in by('ptmq')} == {BitGroups((3,), (4, 6), (8,))}
+        assert sorted((r.w_bits, r.single_bits, r.seed) for r in by('qdrop')) == sorted((w, w, s) for w in (3, 4, 6, 8) for s in (0, 1, 2))
+        assert sorted(r.w_bits for r in by('rtn')) == [3, 4, 6, 8]
+        assert [r.seed for r in runs] == sorted(r.seed for r in runs)                      # a stopped row still compares whole seeds
+        cfgs = [r.config(p.ptmq) for r in runs if r.method != 'rtn']
+        assert {c.iters for c in cfgs} == {100}                                            # equal iterations per unit
+        wset = by('ptmq_wset')[0].config(p.ptmq)
+        assert wset.pairs.pairs == ((3, 3), (4, 4), (6, 6), (8, 8)) and wset.w_set == (3, 4, 6, 8) and wset.single_bits is None
+        assert sum(c.pairs is not None for c in cfgs) == 3                                 # only the one calibration's seeds switch weights
+        assert len({json.dumps(r.to_dict(), sort_keys=True) for r in runs}) == len(runs)
+
+ROW_RECORDS = [rec('ptmq_wset', 4, s, {'W2A2': 50 + s, 'W3A3': 70 + s, 'W4A4': 80}, 40 + s) for s in (0, 1)] + \
+              [rec('ptmq', w, s, {w: 51 + w * 10 + s}, 20 + w) for w in (2, 3, 4) for s in (0, 1)] + \
+              [rec('qdrop', w, s, {w: 49 + w * 10}, 10, w) for w in (2, 3, 4) for s in (0, 1)]
+for r in ROW_RECORDS[:2]: r['pairs'] = {'low': [[2, 2]], 'mid': [[3, 3]], 'high': [[4, 4]]}
+
+def test_row_summary_costs_and_reading_exactly():
+    from ptmq.bench import row_costs, row_reading, time_table
+    rows = {(r['method'], r['w_bits'], r['a_bits']): r for r in summarize(ROW_RECORDS)}
+    assert rows[('ptmq_wset', 3, 3)]['top1'] == 70.5 and rows[('ptmq_wset', 3, 3)]['calib_seconds'] == 40.5
+    assert rows[('ptmq_wset', 4, 4)]['top1_std'] == 0.0 and ('ptmq_wset', 4, 2) not in rows     # a row per pair, nothing else
+    assert rows[('ptmq', 3, 3)]['top1'] == 81.5 and rows[('ptmq', 3, 3)]['calib_seconds'] == 23.0
+    c = row_costs(ROW_RECORDS)
+    assert c['pairs'] == ['W2A2', 'W3A3', 'W4A4'] and c['ptmq_wset_seconds'] == 40.5
+    assert c['ptmq_seconds_sum'] == 22 + 23 + 24 and c['ratio_vs_ptmq'] == round(40.5 / 69, 3)
+    assert c['qdrop_seconds_sum'] == 30 and c['ratio_vs_qdrop'] == round(40.5 / 30, 3) and 'ratio_vs_brecq' not in c
+    assert 'ratio_vs_ptmq' not in row_costs([r for r in ROW_RECORDS if not (r['method'] == 'ptmq' and r['w_bits'] == 2)])
+    text = row_reading(summarize(ROW_RECORDS), 91.0, c)
+    assert '**W2A2**: one calibration 50.50 ± 0.71 vs separate PTMQ W2 71.50 ± 0.71: -21.00 (misses the 1.0-point target); QDrop W2A2 69.00 ± 0.00 (-18.50)' in text
+    assert '**Within 1.0 point of the separate calibrations at every pair**: **no** (largest loss W2A2 -21.00)' in text
+    assert 'took 40s, the 3 separate PTMQ calibrations 69s together: ratio **0.59** (misses the 0.5 target on CPU); the 3 per-pair QDrop calibrations took 30s (ratio 1.35)' in text
+    t = accuracy_table(summarize(ROW_RECORDS), 91.0, ascending=True)
+    assert list(t.columns) == ['W2A2', 'W3A3', 'W4A4', 'FP32'] and t.loc['PTMQ, one calibration for the row', 'W3A3'] == '70.50 ± 0.71'
+    tt = time_table(ROW_RECORDS)
+    assert tt.iloc[0].to_dict() == {'w_bits': '2/3/4', 'method': 'PTMQ, one calibration for the row', 'serves': 'W2A2, W3A3, W4A4',
+                                    'seconds per calibration': 40.5, 'runs': 2}
+
+def test_row_benchmark_runs_evaluates_and_keeps_the_weight_set_model(tmp_path):
+    "A tiny row end to end: the one calibration read at each pair is the kept model switched to that pair; the others run per weight / per pair."
+    from ptmq.blocks import set_bits
+    from ptmq.models import create_model
+    fp = create_model('digits_resnet8', pretrained=False)
+    x, y = torch.randn(48, 3, 8, 8), torch.randint(10, (48,))
+    acc = lambda m, desc: 100.0 * (m(x).argmax(1) == y).float().mean().item()
+    base = PTMQConfig(w_bits=3, groups=BitGroups((2,), (3,), (4,)), iters=2, batch_size=8, observe_images=16)
+    spec = BenchmarkSpec.from_dict({'settings': [ROW], 'seeds': [0]}, base)
+    kept = []
+    recs = run_benchmark(spec, fp, x, base, acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False,
+                         save=lambda qm, path: (kept.append(qm), path.write_bytes(b'model')))
+    assert [(r['method'], r['w_bits'], r.get('single_bits')) for r in recs] == [('ptmq_wset', 4, None), ('ptmq', 2, None), ('ptmq', 3, None),
+                                                                               ('ptmq', 4, None), ('qdrop', 2, 2), ('qdrop', 3, 3), ('qdrop', 4, 4)]
+    [qm] = kept
+    assert qm.w_set == (2, 3, 4) and 'model_path' in recs[0] and recs[0]['history']
+    assert recs[0]['top1'] == {f'W{w}A{w}': acc(set_bits(qm, w, w=w), '') for w in (2, 3, 4)}
+    assert [list(r['top1']) for r in recs[1:4]] == [['2'], ['3'], ['4']] and [r['serve'] for r in recs[1:4]] == [[2], [3], [4]]
+
+def test_row_benchmark_through_the_pipeline(tmp_path, monkeypatch):
+    "`ptmq run` of a row benchmark: rows `ptmq_wset` per pair with calib_seconds, the row's costs, the kept weight-set model."
+    from ptmq.runner import run
+    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+    out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=2', 'calib_images=64', 'eval_images=90', 'benchmark.seeds=[0]',
+              'benchmark.settings=[{pairs: [W2A2, W3A3, W4A4], methods: [ptmq_wset, ptmq, qdrop]}]'], tmp_path / 'reports')
+    r = json.loads((out / 'results.json').read_text())
+    wset = [x for x in r['results'] if x['method'] == 'ptmq_wset']
+    assert [(x['w_bits'], x['a_bits']) for x in wset] == [(4, 4), (3, 3), (2, 2)] and len({x['calib_seconds'] for x in wset}) == 1
+    assert {(x['w_bits'], x['a_bits']) for x in r['results'] if x['method'] == 'ptmq'} == {(2, 2), (3, 3), (4, 4)}
+    c = r['benchmark']['row_costs']
+    assert c['pairs'] == ['W2A2', 'W3A3', 'W4A4'] and c['ratio_vs_ptmq'] > 0 and c['ratio_vs_qdrop'] > 0 and 'cost_ratio_vs_qdrop' not in r['benchmark']
+    [mf] = r['deploy']['model_files']
+    assert mf['pairs'] == ['W2A2', 'W3A3', 'W4A4'] and (out / 'model.safetensors').is_file() and (out / 'benchmark.png').is_file()
+    assert 'Within 1.0 point of the separate calibrations at every pair' in (out / 'report.html').read_text()

@@ -148,6 +148,20 @@ def test_switching_over_pairs_is_bit_exact_and_reversible(wset_model):
         set_bits(qm, w=8); assert torch.equal(qm(x), a3w8)                    # weights alone switch back
         assert not torch.equal(ref[(3, 3)], ref[(8, 8)])
 
+def test_activation_plans_switch_at_any_calibrated_weight_bit_width(wset_model):
+    "Mixed-precision activation plans (18_mixed) combine with the weight switch: bit-exact, reversible, the uniform plan is the uniform switch."
+    from ptmq.mixed import BitPlan, current_plan
+    qm, _, x = wset_model
+    with torch.no_grad():
+        uni = set_bits(qm, 4, w=6)(x)
+        assert torch.equal(set_bits(qm, BitPlan.uniform(qm, 4), w=6)(x), uni)
+        plan = BitPlan(tuple(3 if i % 2 else 8 for i in range(len(current_plan(qm)))))
+        out = set_bits(qm, plan, w=4)(x)
+        assert current_plan(qm) == plan and qm.w_bits == 4 and not torch.equal(out, set_bits(qm, 8, w=4)(x))
+        set_bits(qm, 8, w=8)
+        assert torch.equal(set_bits(qm, plan, w=4)(x), out)
+    set_bits(qm, 8, w=8)
+
 def test_switching_errors(wset_model):
     qm, _, _ = wset_model
     with pytest.raises(ValueError, match=r'weight bit-width 5 not calibrated in this model; available: \[3, 4, 6, 8\]'): set_bits(qm, 4, w=5)
