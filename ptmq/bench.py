@@ -363,7 +363,7 @@ def time_table(records: Sequence[dict[str, Any]]):
         if r.get('pairs'): return ', '.join(r['top1'])
         return f"A{r['single_bits']}" if r['single_bits'] else 'A' + '/'.join(r['top1'])
     df = pd.DataFrame([{'method': METHODS[r['method']].label, 'kind': METHODS[r['method']].kind, 'serves': serves(r), 'seconds': r['seconds'],
-                        'w_bits': '/'.join(sorted({k[1:k.upper().index('A')] for k in r['top1']}, key=int)) if r.get('pairs') else r['w_bits']} for r in records])
+                        'w_bits': '/'.join(map(str, sorted({parse_pair(k)[0] for k in r['top1']}))) if r.get('pairs') else r['w_bits']} for r in records])
     t = df.groupby(['w_bits', 'method', 'serves'], sort=False).seconds.agg(['mean', 'count']).reset_index()
     return t.rename(columns={'mean': 'seconds per calibration', 'count': 'runs'}).round(1)
 

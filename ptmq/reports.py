@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, logging, os, time
 from pathlib import Path
 from typing import Any, Sequence
-from .mfm import parse_pair
+from .mfm import PairGroups, parse_pair
 
 log = logging.getLogger('ptmq')
 
@@ -121,7 +121,7 @@ def _deploy_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
         for f in r['deploy']['model_files']:
             ref, what = (f['checkpoint_bytes'], 'checkpoint') if f.get('checkpoint_bytes') else (f['float32_state_dict_bytes'], 'float32 state dict')
             pg = f.get('pairs') or ((r.get('params') or {}).get('ptmq') or {}).get('pairs')     # a weight-set model: its (w, a) pairs
-            served = ([parse_pair(p) for p in pg] if isinstance(pg, list) else sorted(tuple(p) for k in ('low', 'mid', 'high') for p in pg[k])) if pg else \
+            served = ([parse_pair(p) for p in pg] if isinstance(pg, list) else list(PairGroups(**pg).pairs)) if pg else \
                      [(f['w_bits'], a) for a in f['a_bits']]
             cs = [checks[p] for p in served if p in checks]
             lab = lambda c: (f"W{c['w_bits']}" if pg else '') + f"A{c['a_bits']}"
