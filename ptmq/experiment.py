@@ -76,21 +76,25 @@ class MixedPrecisionParams:
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == 'sensitivity_images' else 0):
                 raise ValueError(f"{k} must be a {'positive' if k == 'sensitivity_images' else 'non-negative'} integer, got {v!r}")
 
-    def budget_list(self, a_bits) -> list[float]:
-        "The budgets: as given, or `budgets` evenly spaced strictly between the lowest and highest bit-width (of the BOPs: as fractions)."
+    def budget_list(self, a_bits, pairs=None) -> list[float]:
+        """The budgets: as given, or `budgets` evenly spaced strictly between the lowest and highest bit-width (of the BOPs: as
+        fractions; with (w, a) `pairs`, between the lowest pair's w x a and the highest's)."""
         from ptmq.mixed import budget_grid
         if isinstance(self.budgets, list): return [float(v) for v in self.budgets]
-        return budget_grid(a_bits if self.budget == 'avg_bits' else (min(a_bits) / max(a_bits), 1.0), self.budgets)
+        if self.budget == 'avg_bits': return budget_grid(a_bits, self.budgets)
+        ops = [w * a for w, a in pairs] if pairs else list(a_bits)
+        return budget_grid((min(ops) / max(ops), 1.0), self.budgets)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, a_bits) -> 'MixedPrecisionParams | None':
+    def from_dict(cls, d: dict[str, Any] | None, a_bits, n_pairs: int = 0) -> 'MixedPrecisionParams | None':
+        "The section, validated; `n_pairs`: how many (w, a) pairs the model serves (a weight-set model's plans choose among those)."
         if d is None or d is False: return None
         if d is True: d = {}
         if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, seed), true, or null")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown: raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(f.name for f in fields(cls))}")
         mp = cls(**d)
-        if len(a_bits) < 2: raise ValueError(f"mixed precision needs at least two activation bit-widths; the model gets {list(a_bits)}")
+        if len(a_bits) < 2 and n_pairs < 2: raise ValueError(f"mixed precision needs at least two activation bit-widths; the model gets {list(a_bits)}")
         if isinstance(mp.budgets, list) and mp.budget == 'avg_bits' and not all(min(a_bits) <= v <= max(a_bits) for v in mp.budgets):
             raise ValueError(f"average-bit budgets must lie between the lowest and highest bit-width {min(a_bits)}..{max(a_bits)}; got {mp.budgets}")
         return mp
@@ -151,8 +155,9 @@ class ExperimentParams:
         f = Path(expand(self.model_file))
         try: meta = read_metadata(f)
         except (ModelFileError, FileNotFoundError) as e: raise ParamsError(f"{source}: key 'model_file': {e}") from None
-        want = {'model': self.model, 'w_bits': self.ptmq.w_bits, 'a_bits': sorted(self.ptmq.a_bits)}
-        got = {'model': meta.get('model'), 'w_bits': meta.get('w_bits'), 'a_bits': sorted(meta.get('a_bits') or [])}
+        pairs = self.ptmq.pairs is not None              # a weight-set model: its set of weight bit-widths must match
+        want = {'model': self.model, 'w_bits': list(self.ptmq.w_set) if pairs else self.ptmq.w_bits, 'a_bits': sorted(self.ptmq.a_bits)}
+        got = {'model': meta.get('model'), 'w_bits': sorted(meta.get('w_set') or []) if pairs else meta.get('w_bits'), 'a_bits': sorted(meta.get('a_bits') or [])}
         if got != want: raise ParamsError(f"{source}: key 'model_file': {f} holds {got}, but this experiment is {want}")
         cfg, mine = meta.get('config') or {}, self.ptmq.to_dict()
         diff = sorted(k for k in mine if k != 'device' and cfg.get(k) != mine[k])
@@ -214,12 +219,12 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         raise ParamsError(f"{source}: key 'eval_images' must be a positive integer or null (all), got {raw['eval_images']!r}")
     try: deploy = DeployParams.from_dict(raw.get('deploy'))
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'deploy': {e}") from None
-    try: mixed = MixedPrecisionParams.from_dict(raw.get('mixed_precision'), ptmq_cfg.a_bits)
+    try: mixed = MixedPrecisionParams.from_dict(raw.get('mixed_precision'), ptmq_cfg.a_bits, len(ptmq_cfg.pairs.pairs) if ptmq_cfg.pairs is not None else 0)
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'mixed_precision': {e}") from None
     if ptmq_cfg.pairs is not None:
-        for k, what in (('mixed_precision', 'mixed-precision plans over (weight, activation) pairs'), ('benchmark', 'a benchmark of a weight-set calibration'),
-                        ('model_file', 'reusing a kept model with weight sets')):
-            if raw.get(k) is not None: raise ParamsError(f"{source}: key {k!r}: {what} is not supported yet; remove {k!r} or 'ptmq.pairs'")
+        if raw.get('benchmark') is not None:
+            raise ParamsError(f"{source}: key 'benchmark': a benchmark of a weight-set calibration is not supported yet; remove 'benchmark' "
+                              "or 'ptmq.pairs' (a row benchmark puts the pairs in its setting: benchmark.settings[0].pairs)")
     if raw.get('model_file') is not None and not isinstance(raw['model_file'], str):
         raise ParamsError(f"{source}: key 'model_file' must be the path of a kept model (.safetensors), got {raw['model_file']!r}")
     bench = None
@@ -229,7 +234,8 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
         try: bench = BenchmarkSpec.from_dict(raw['benchmark'], ptmq_cfg)
         except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'benchmark': {e}") from None
         if bench.row is not None and raw.get('mixed_precision') is not None:
-            raise ParamsError(f"{source}: key 'mixed_precision': mixed-precision plans over (weight, activation) pairs are not supported yet; remove it from this row benchmark")
+            raise ParamsError(f"{source}: key 'mixed_precision': a row benchmark runs no mixed-precision study yet; run the row's one calibration "
+                              "as an experiment (ptmq.pairs, no benchmark) with mixed_precision: its plans give each slot a (w, a) pair")
     p = ExperimentParams(**{**raw, 'ptmq': ptmq_cfg, 'deploy': deploy, 'mixed_precision': mixed, 'benchmark': bench})
     if check_paths: p.check_paths(source)
     return p

@@ -11,10 +11,12 @@ import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer
 from .blocks import QuantModel, QuantLayer, set_bits
+from .mixed import PairPlan, check_plan, parse_plan, set_plan
 from .serialize import load, read_metadata
 
 # %% auto #0
-__all__ = ['QDQ', 'DequantWeight', 'export_module', 'export_onnx', 'without_onednn', 'check_onnx', 'graph_ops', 'export_command']
+__all__ = ['QDQ', 'DequantWeight', 'switched_copy', 'export_module', 'export_onnx', 'without_onednn', 'check_onnx', 'graph_ops',
+           'export_command']
 
 # %% ../nbs/16_export.ipynb #b1d3958c
 def _ops():
@@ -76,13 +78,22 @@ class DequantWeight(nn.Module):
     def extra_repr(self) -> str: return f"bits={self.bits}, shape={tuple(self.codes.shape)}"
 
 def _safe_tag(name: str) -> str: return re.sub(r'[^A-Za-z0-9_.-]+', '_', name)
-def _label(bits) -> str: return f'A{bits}' if isinstance(bits, int) else f"plan {'-'.join(map(str, bits))}"
+def _label(bits) -> str: return f'A{bits}' if isinstance(bits, int) else f"plan {parse_plan(bits)}"
+
+def switched_copy(model: QuantModel, bits, w: int | None = None) -> QuantModel:
+    "A CPU copy of `model` at activation bit-width `bits` or a plan (bit-widths, or (w, a) pairs), and weight bit-width `w` (not with a pair plan); checked first."
+    if isinstance(bits, int):
+        if bits not in model.a_bits: raise ValueError(f"bit-width {bits} is not calibrated in this model; available: {list(model.a_bits)}")
+    else: bits = check_plan(model, bits)
+    if w is not None and w not in model.w_set: raise ValueError(f"weight bit-width {w} is not calibrated in this model; available: {list(model.w_set)}")
+    if w is not None and isinstance(bits, PairPlan): raise ValueError("a plan of (w, a) pairs sets the weights itself: leave the weight bit-width (--w-bits) unset")
+    out = copy.deepcopy(model).cpu().eval()
+    if w is not None: set_bits(out, w=w)
+    return set_bits(out, bits) if isinstance(bits, int) else set_plan(out, bits)
 
 def export_module(model: QuantModel, bits, w: int | None = None) -> nn.Module:
     "A copy of `model` at activation bit-width `bits` (or a mixed-precision plan, [18_mixed](18_mixed.ipynb)) and weight bit-width `w` (default: its current one), made of QDQ and DequantWeight modules."
-    if isinstance(bits, int) and bits not in model.a_bits: raise ValueError(f"bit-width {bits} is not calibrated in this model; available: {list(model.a_bits)}")
-    if w is not None and w not in model.w_set: raise ValueError(f"weight bit-width {w} is not calibrated in this model; available: {list(model.w_set)}")
-    out = set_bits(copy.deepcopy(model).cpu().eval(), bits, w=w)
+    out = switched_copy(model, bits, w)
     for m in list(out.modules()):
         if isinstance(m, QuantLayer):
             if m.wq.enabled:
@@ -107,6 +118,7 @@ def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, 
     "Write `model` (or the model file `model`) at activation bit-width `bits` (or a mixed-precision plan) and weight bit-width `w` (default: its current one) as an ONNX graph in QDQ form."
     import onnx
     if not isinstance(model, QuantModel): model = load(model)
+    if not isinstance(bits, int): bits = check_plan(model, bits)        # a list, dict or text: the plan itself, checked
     path = Path(path)
     m, size = export_module(model, bits, w), _input_size(model, input_size)
     with torch.no_grad():
@@ -116,7 +128,7 @@ def export_onnx(model: QuantModel | str | os.PathLike, path: str | os.PathLike, 
     proto = prog.model_proto
     for n in proto.graph.node: del n.metadata_props[:]      # the exporter's stack traces and source paths: not part of a deployed model
     meta = getattr(model, 'metadata', None) or {}
-    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(w if w is not None else model.w_bits), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else _label(bits),
+    info = {'ptmq.version': _version(), 'ptmq.w_bits': str(m.w_bits if m.w_bits is not None else 'mixed (the plan)'), 'ptmq.a_bits': str(bits) if isinstance(bits, int) else _label(bits),
             'ptmq.model': str(meta.get('model') or model.arch), 'ptmq.source_sha256': str(meta.get('tensor_sha256', ''))}
     del proto.metadata_props[:]
     for k, v in info.items(): proto.metadata_props.add(key=k, value=v)
@@ -164,7 +176,8 @@ def check_onnx(model: QuantModel, onnx_path: str | os.PathLike, bits: int, data,
     from ptmq.data import progress_bar
     sessions = {'': _session(onnx_path, threads, exact=True), '_default': _session(onnx_path, threads)}
     name = sessions[''].get_inputs()[0].name
-    m = set_bits(copy.deepcopy(model).cpu().eval(), bits, w=w)
+    if not isinstance(bits, int): bits = check_plan(model, bits)
+    m = switched_copy(model, bits, w)
     n, right_t = 0, 0
     right, agree, close = (dict.fromkeys(sessions, 0) for _ in range(3))
     worst = dict.fromkeys(sessions, 0.0)
@@ -182,7 +195,7 @@ def check_onnx(model: QuantModel, onnx_path: str | os.PathLike, bits: int, data,
             right[k] += (po == y).sum().item(); agree[k] += (po == pt).sum().item()
     if n == 0: raise ValueError("the check's data set is empty")
     xs = [data[i][0][None] for i in range(min(latency_images, n))]
-    out = ({'a_bits': bits} if isinstance(bits, int) else {'a_bits': None, 'plan': list(bits)}) | {'images': n, 'top1_torch': 100.0 * right_t / n}
+    out = ({'a_bits': bits} if isinstance(bits, int) else {'a_bits': None, 'plan': bits.to_list()}) | {'images': n, 'top1_torch': 100.0 * right_t / n}
     for k in sessions: out |= {f'top1_onnx{k}': 100.0 * right[k] / n, f'agree{k}': 100.0 * agree[k] / n, f'max_logit_diff{k}': worst[k],
                                f'within_1e-3{k}': 100.0 * close[k] / n}
     out |= {'within_1e-3_torch_no_onednn': 100.0 * alt_close / n, 'agree_torch_no_onednn': 100.0 * alt_agree / n}
@@ -225,6 +238,8 @@ def export_command(model_file: str | os.PathLike, bits: int | None = None, out: 
         plans = meta.get('plans') or {}
         if plan not in plans: raise ValueError(f"{model_file} has no plan {plan!r}; its plans: {', '.join(plans) or 'none'}")
         bits, tag = plans[plan], _safe_tag(plan)
+        if w_bits is not None and isinstance(parse_plan(bits), PairPlan):
+            raise ValueError(f"plan {plan!r} gives each slot a (w, a) pair, so it sets the weights itself: leave --w-bits unset")
     else:
         if bits not in meta['a_bits']: raise ValueError(f"{model_file}: bit-width {bits} is not calibrated in this model; available: {meta['a_bits']}")
         tag = f'a{bits}'

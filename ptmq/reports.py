@@ -49,7 +49,7 @@ def index_rows(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     "One row per (experiment, bit-width) from experiment records (`load_records`); a benchmark's rows are means over its PTMQ seeds."
     rows = []
     for r in recs:
-        by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results']}
+        by = {(x['method'], x['w_bits'], x['a_bits']): x['top1'] for x in r['results'] if x['a_bits'] is not None}   # not the plans' rows
         main = _main_method(r)
         for (m, w, a), top1 in sorted(by.items()):
             if m != main: continue
@@ -149,12 +149,14 @@ def _mixed_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
         # an experiment's uniform rows carry their costs; a benchmark's study lists its first seed's uniform rows per weight bit-width
         studies = ({int(w): s.get('uniform', []) for w, s in m['by_w_bits'].items()} if 'by_w_bits' in m
                    else {x['w_bits']: [] for x in r['results'] if x['method'] == 'ptmq_mp'})
-        for wb, uniform in sorted(studies.items(), reverse=True):
-            rows = [x for x in r['results'] if x['w_bits'] == wb and (x['method'] != 'ptmq' or not uniform)] + uniform
+        groups = [(wb, [x for x in r['results'] if x['w_bits'] == wb and (x['method'] != 'ptmq' or not uniform)] + uniform,
+                   'mixed_precision.png' if 'by_w_bits' not in m else f'mixed_precision_w{wb}.png')
+                  for wb, uniform in sorted(studies.items(), reverse=True)] if not m.get('pairs') else \
+                 [('/'.join(m['pairs']) + ' (pairs)', [x for x in r['results'] if x['method'] in ('ptmq_wset', 'ptmq_mp', 'random_mp')], 'mixed_precision.png')]
+        for wb, rows, plot in groups:                  # a study over (w, a) pairs: every slot's weights switch with it
             t = front_table(rows, key)
             if not len(t): continue
             w, d = t['front - line'].dropna(), t['front - random'].dropna()
-            plot = 'mixed_precision.png' if 'by_w_bits' not in m else f'mixed_precision_w{wb}.png'
             out.append(f"| [{r['name']}]({r['name']}/report.html) | {r['model']} | {wb} | {len(t)} | "
                        f"{(w >= 0).sum()}/{len(w)} | {(d > 0).sum()}/{len(d)} | {_fmt(float(w.min()) if len(w) else None)} / {_fmt(float(w.mean()) if len(w) else None)} | "
                        f"{_fmt(float(d.min()) if len(d) else None)} / {_fmt(float(d.mean()) if len(d) else None)} | [{plot}]({r['name']}/{plot}) |")
@@ -193,9 +195,10 @@ def plot_summary(recs: Sequence[dict[str, Any]], path: str | os.PathLike | None 
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(recs):]: ax.axis('off')
     for ax, r in zip(axes.flat, recs):
-        df = pd.DataFrame([x for x in r['results'] if x['method'] in ('ptmq', 'rtn')])
+        main = _main_method(r)                         # a weight-set record's one calibration is `ptmq_wset`
+        df = pd.DataFrame([x for x in r['results'] if x['method'] in (main, 'rtn') and x['a_bits'] is not None])
         df['bits'] = [f"W{w}A{a}" for w, a in zip(df.w_bits, df.a_bits)]
-        df['method'] = df.method.map({'ptmq': 'PTMQ (one calibration)', 'rtn': 'round-to-nearest'})
+        df['method'] = df.method.map({main: 'PTMQ (one calibration)', 'rtn': 'round-to-nearest'})
         sns.barplot(data=df, x='bits', y='top1', hue='method', ax=ax, palette=['#4c72b0', '#c0c0c0'],
                     hue_order=['PTMQ (one calibration)', 'round-to-nearest'])
         ax.axhline(r['fp32_top1'], ls='--', c='k', lw=1, label=f"FP32 {r['fp32_top1']:.2f}")

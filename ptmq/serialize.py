@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer, WeightQuantizer
-from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, plan_bits
-from .mixed import BitPlan, Sensitivity
+from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, plan_slots
+from .mixed import Sensitivity, check_plan
 from .arch import Architectures, ARCHITECTURES, rebuild, check_rebuild
 
 # %% auto #0
@@ -113,18 +113,18 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     cal, cfg = getattr(model, 'calibration', None), getattr(model, 'config', None)
     old = getattr(model, 'metadata', None) or {}
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
-    plans = {str(k): plan_bits(model, v) for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
+    plans = {str(k): check_plan(model, v).to_list() for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
     sens = getattr(model, 'sensitivity', None)
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),
-            'w_bits': model.w_bits, 'w_set': list(model.w_set), 'a_bits': list(model.a_bits), 'current_bits': current.pop() if len(current) == 1 else max(model.a_bits),
+            'w_bits': model.w_bits if model.w_bits is not None else max(model.w_set), 'w_set': list(model.w_set), 'a_bits': list(model.a_bits), 'current_bits': current.pop() if len(current) == 1 else max(model.a_bits),
             'config': cfg.to_dict() if cfg is not None else old.get('config'),
             'calibration': ({'images': cal.images, 'iters_per_block': cfg.iters if cfg is not None else None, 'seconds': round(cal.seconds, 2),
                              'device': cal.device, 'units': len(cal.unit_seconds)} if cal is not None else old.get('calibration')),
             'data_config': data_config if data_config is not None else old.get('data_config'),
             'weights': packed, 'tensor_sha256': _digest(tensors), 'user': metadata if metadata is not None else old.get('user'),
-            'plans': plans, 'sensitivity': sens.to_dict() if sens is not None else None}
+            'plans': plans, 'plan_feeds': getattr(model, 'plan_feeds', None), 'sensitivity': sens.to_dict() if sens is not None else None}
     meta = _jsonable(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
@@ -209,11 +209,27 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         for l in layers.values(): l.layer.weight.copy_(l.wq.dequantized())
     model.metadata = meta
     try:
-        model.plans = {k: BitPlan(tuple(plan_bits(model, v))) for k, v in (meta.get('plans') or {}).items()}
+        model.plan_feeds = _plan_feeds(model, meta.get('plan_feeds'))
+        model.plans = {k: check_plan(model, v) for k, v in (meta.get('plans') or {}).items()}
         model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
     except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
     set_bits(model, meta.get('current_bits') or max(model.a_bits), w=meta.get('w_bits'))
     return model.to(device).eval().requires_grad_(False)
+
+def _plan_feeds(model: QuantModel, feeds) -> list[list[str]] | None:
+    "A stored map of the weights each plan slot feeds (`ptmq.mixed.weight_feeds`), checked against the rebuilt model."
+    if feeds is None: return None
+    named = dict(model.named_modules())
+    if not isinstance(feeds, list) or len(feeds) != len(plan_slots(model)) or not all(isinstance(f, list) and all(isinstance(n, str) for n in f) for f in feeds):
+        raise ValueError(f"plan_feeds must list, for each of the {len(plan_slots(model))} plan slots, the names of the layers it feeds")
+    bad = [n for f in feeds for n in f if not (isinstance(named.get(n), QuantLayer) and named[n].wq.switchable)]
+    if bad: raise ValueError(f"plan_feeds names {bad[:3]}, which are not layers with switchable weights in this model")
+    listed = [n for f in feeds for n in f]
+    switchable = sorted(n for n, m in named.items() if isinstance(m, QuantLayer) and m.wq.switchable)
+    if sorted(listed) != switchable:
+        raise ValueError(f"plan_feeds must name every layer with switchable weights exactly once: missing {sorted(set(switchable) - set(listed))[:3]}, "
+                         f"repeated {sorted({n for n in listed if listed.count(n) > 1})[:3]}")
+    return feeds
 
 def _upgrade_v1(tensors: dict[str, Tensor], layers: dict[str, QuantLayer]) -> None:
     "Format 1 files held one weight step and zero point per layer (`wq.scale`, `wq.zero_point`): as the one-entry stacks of format 2."

@@ -234,8 +234,8 @@ def test_ptmq_run_with_pairs_writes_ptmq_wset_rows(tmp_path, monkeypatch):
 def test_params_with_pairs_refuse_what_is_not_supported_yet():
     from conftest import REPO
     from ptmq.experiment import load_params, ParamsError
-    with pytest.raises(ParamsError, match="key 'mixed_precision': mixed-precision plans over"):
-        load_params(REPO / 'params' / 'default.yaml', ['ptmq.pairs=[W2A2, W3A3, W4A4]', 'mixed_precision={budgets: [3.0]}'], check_paths=False)
+    with pytest.raises(ParamsError, match=r"key 'benchmark': a benchmark of a weight-set calibration is not supported yet.*benchmark.settings\[0\].pairs"):
+        load_params(REPO / 'params' / 'default.yaml', ['ptmq.pairs=[W2A2, W3A3, W4A4]', 'benchmark={seeds: [0]}'], check_paths=False)
 
 def test_vit_with_a_weight_set_switches_and_round_trips(tmp_path):
     "A ViT's linear layers get the weight set; its patch embedding and head keep 8 bits; save/load bit-exact at every pair."
