@@ -209,7 +209,8 @@ def load(path: str | os.PathLike, device: str | torch.device = 'cpu', registry: 
         for l in layers.values(): l.layer.weight.copy_(l.wq.dequantized())
     model.metadata = meta
     try:
-        model.plan_feeds = _plan_feeds(model, meta.get('plan_feeds'))
+        feeds = _plan_feeds(model, meta.get('plan_feeds'))
+        if feeds is not None: model.plan_feeds = feeds      # only a model that had one: the attribute is not part of the architecture
         model.plans = {k: check_plan(model, v) for k, v in (meta.get('plans') or {}).items()}
         model.sensitivity = Sensitivity.from_dict(meta['sensitivity']) if meta.get('sensitivity') else None
     except (ValueError, KeyError, TypeError) as e: raise ModelFileError(f"{path}: a stored plan or sensitivity does not fit the model: {e}") from None
