@@ -187,7 +187,10 @@ def weight_feeds(model: QuantModel, x: Tensor) -> list[list[str]]:
     """Per plan slot, the names of the layers with switchable weights whose input that slot's quantizer produces, found by
     tracing `model` on `x`; kept on the model (`model.plan_feeds`, saved with it) for `set_plan`. A pair plan switches each
     slot's activations and these weights together, so a layer's cost (MACs x w x a) belongs to one slot."""
-    costs = plan_costs(model, x)
+    return _keep_feeds(model, plan_costs(model, x))
+
+def _keep_feeds(model: QuantModel, costs: PlanCosts) -> list[list[str]]:
+    "Keep the traced map of `costs` on `model` (`model.plan_feeds`), or refuse a model with switchable weights no slot feeds."
     if costs.unfed: raise ValueError(f"layer(s) {costs.unfed[:3]} have switchable weights but no plan slot feeds them: a pair plan cannot set them")
     model.plan_feeds = costs.feeds
     return costs.feeds
@@ -360,8 +363,8 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     if kind not in ('avg_bits', 'bops'): raise ValueError(f"unknown budget kind {kind!r}; known: avg_bits, bops")
     dev = next(model.parameters()).device
     bits = _pair_choices(model, pairs) if pairs is not None else tuple(sorted(model.a_bits))
-    if pairs is not None: weight_feeds(model, images[:2].to(dev))
-    costs = plan_costs(model, images[:2].to(dev))
+    costs = plan_costs(model, images[:2].to(dev))      # one trace: the costs, and with pairs the map of fed weights
+    if pairs is not None: _keep_feeds(model, costs)
     cost, const = costs.table(bits, kind)
     scale = 1.0 if kind == 'avg_bits' else costs.bops(_make_plan([bits[-1]] * len(cost)))
     lo = const + cost[:, 0].sum()
