@@ -67,22 +67,31 @@ def mse_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0,
     return best_s, best_z
 
 @torch.no_grad()
-def mse_grid_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0, grid: int = 100) -> tuple[Tensor, Tensor]:
+def mse_grid_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float = 2.0, grid: int = 100,
+                     max_elems: int = 1 << 24) -> tuple[Tensor, Tensor]:
     """QDrop's MSE search: on a tensor of one sign the ranges of `mse_qparams` (from 0); on a two-signed one every pair of a
-    step `(hi - lo) * i / grid / (2^bits - 1)`, i = 1..grid, and a zero point `0..2^bits - 1` (per row when `per_channel`)."""
+    step `(hi - lo) * i / grid / (2^bits - 1)`, i = 1..grid, and a zero point `0..2^bits - 1` (per row when `per_channel`).
+    The zero points of one step are tried together, at most `max_elems` elements at a time."""
     if bool((x >= 0).all()) or bool((x <= 0).all()): return mse_qparams(x, bits, per_channel, p, grid)
     lo, hi = _range(x, per_channel)
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    qmax, e = 2 ** bits - 1, torch.empty_like(x)
+    qmax, rows = 2 ** bits - 1, x.reshape(len(x) if per_channel else 1, -1)
     best_s, best_z = qparams(lo, hi, bits)
     best_err = torch.full_like(lo, float('inf'))
+    chunk = max(1, min(qmax + 1, max_elems // rows.numel()))
+    zps, e = torch.arange(qmax + 1, dtype=x.dtype, device=x.device), torch.empty((chunk,) + rows.shape, dtype=x.dtype, device=x.device)
     for i in range(1, grid + 1):
         s = torch.clamp((hi - lo) * (i / grid) / qmax, min=1e-8)
-        for zp in range(qmax + 1):
-            err = _lp_error(x, s, float(zp), qmax, p, per_channel, e)
-            better = err < best_err
+        sb = s.reshape(-1, 1)
+        r = torch.div(rows, sb).round_()                   # round(x/s) does not depend on the zero point
+        for z0 in range(0, qmax + 1, chunk):
+            z = zps[z0:z0 + chunk].reshape(-1, 1, 1)
+            ez = torch.add(r, z, out=e[:len(z)]).clamp_(0, qmax).sub_(z).mul_(sb).sub_(rows).abs_().pow_(p)
+            err, k = ez.mean(dim=2).min(dim=0)             # per row: the smallest error of the chunk, its first zero point
+            if not per_channel: err, k = err[0], k[0]
+            better = err < best_err                        # strict: the earliest (step, zero point) wins ties, as one at a time
             best_err = torch.where(better, err, best_err)
-            best_s, best_z = torch.where(better, s, best_s), torch.where(better, torch.full_like(best_z, float(zp)), best_z)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, (k + z0).to(x.dtype), best_z)
     return best_s, best_z
 
 OBSERVERS = {'minmax': minmax_qparams, 'mse': mse_qparams, 'mse_grid': mse_grid_qparams}

@@ -164,10 +164,9 @@ def test_run_benchmark_times_evaluates_caches_and_resumes(tmp_path, monkeypatch)
     other = run_benchmark(spec, fp, x, PTMQConfig(**{**base.to_dict(), 'lr_act': 1e-4}), acc, {'model': 'digits_resnet8'}, tmp_path / 'cache', progress=False)
     assert all(r['seconds'] == 1.0 for r in other) and len(code_hash()) == 12
 
-def test_benchmark_through_the_pipeline(tmp_path, monkeypatch):
+def test_benchmark_through_the_pipeline(tmp_path, fresh_cache):
     "`ptmq run` of a benchmark params file: results.json rows carry top1, top1_std, seeds, calib_seconds; plots written."
     from ptmq.runner import run
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=3', 'calib_images=64', 'eval_images=90',
               'benchmark.seeds=[0, 1]', 'benchmark.settings=[{methods: [rtn, qdrop, ptmq, ptmq_no_mfm]}]',
               'mixed_precision={budgets: [3.0], random_plans: 1, sensitivity_images: 16}'], tmp_path / 'reports')
@@ -280,10 +279,9 @@ def test_row_benchmark_runs_evaluates_and_keeps_the_weight_set_model(tmp_path):
     assert recs[0]['top1'] == {f'W{w}A{w}': acc(set_bits(qm, w, w=w), '') for w in (2, 3, 4)}
     assert [list(r['top1']) for r in recs[1:4]] == [['2'], ['3'], ['4']] and [r['serve'] for r in recs[1:4]] == [[2], [3], [4]]
 
-def test_row_benchmark_through_the_pipeline(tmp_path, monkeypatch):
+def test_row_benchmark_through_the_pipeline(tmp_path, fresh_cache):
     "`ptmq run` of a row benchmark: rows `ptmq_wset` per pair with calib_seconds, the row's costs, the kept weight-set model."
     from ptmq.runner import run
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     out = run(REPO / 'params/bench/digits_resnet8.yaml', ['ptmq.iters=2', 'calib_images=64', 'eval_images=90', 'benchmark.seeds=[0]',
               'benchmark.settings=[{pairs: [W2A2, W3A3, W4A4], methods: [ptmq_wset, ptmq, qdrop]}]'], tmp_path / 'reports')
     r = json.loads((out / 'results.json').read_text())

@@ -3,7 +3,7 @@ import json, os, shutil
 from pathlib import Path
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cache_at
 from ptmq.experiment import load_params, ParamsError, parse_overrides, expand, work_from_repo_root
 from ptmq.runner import run, run_all, is_done
 from ptmq.cli import main
@@ -35,26 +35,22 @@ BASE = {'name': 't', 'model': 'digits_resnet8', 'calib_data': 'builtin:digits/tr
     ({'deploy': {'keep': True}}, r"key 'deploy': unknown key\(s\) \['keep'\]; known: save, onnx, check_images, latency_images"),
     ({'deploy': {'check_images': 0}}, r"key 'deploy': check_images must be a positive integer or null"),
 ])
-def test_schema_errors_name_file_key_and_fix(write, change, pattern, monkeypatch, tmp_path):
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+def test_schema_errors_name_file_key_and_fix(write, change, pattern, fresh_cache):
     f = write({**BASE, **change})
     with pytest.raises(ParamsError, match=pattern) as e: load_params(f)
     assert str(f) in str(e.value)
 
 @pytest.mark.parametrize('name', ['../evil', 'a/b', 'a\\b', '..', '.hidden', 'x..y', '/abs', 'tab\tname', 'ünï', 42])
-def test_run_names_are_plain_names_checked_before_any_work(write, name, monkeypatch, tmp_path):
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+def test_run_names_are_plain_names_checked_before_any_work(write, name, tmp_path, fresh_cache):
     with pytest.raises(ParamsError, match=r"key 'name': .* is not a plain name; .*no path separator, no '\.\.'"): load_params(write({**BASE, 'name': name}))
     reports = tmp_path / 'reports'
     assert main(['run', str(write({**BASE, 'name': name})), '--reports', str(reports)]) == 2 and not reports.exists()
     with pytest.raises(ParamsError, match='not a plain name'): load_params(write(BASE), ['name=../x'])   # an override is checked too
 
-def test_plain_names_pass(write, monkeypatch, tmp_path):
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+def test_plain_names_pass(write, fresh_cache):
     for name in ('cifar10_resnet20_w4', 'bench-1.2', 'A0'): assert load_params(write({**BASE, 'name': name})).name == name
 
-def test_overrides_env_defaults_and_missing_file(write, monkeypatch, tmp_path):
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+def test_overrides_env_defaults_and_missing_file(write, monkeypatch, tmp_path, fresh_cache):
     v1 = load_params(write({**BASE, 'model': 'resnet50', 'weights': 'IMAGENET1K_V1'}))       # a weight set's name is no file to check
     assert v1.weights_source() == 'IMAGENET1K_V1' and load_params(write({**BASE, 'weights': 'w/x.pth'}), check_paths=False).weights_source() == Path('w/x.pth')
     p = load_params(write(BASE), ['ptmq.iters=7', 'ptmq.groups={low: [2], mid: [3], high: [4]}', 'calib_images=64'])
@@ -73,17 +69,12 @@ def test_every_committed_params_file_is_valid():
         assert p.name and p.ptmq.a_bits
 
 @pytest.fixture(scope='module')
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, digits_seed):
     "One papermill run of the default with a tiny iteration count, in a scratch reports folder."
     tmp = tmp_path_factory.mktemp('pipeline')
-    old = os.environ.get('PTMQ_CACHE'); os.environ['PTMQ_CACHE'] = str(tmp / 'cache')
-    try:
+    with cache_at(tmp / 'cache', digits_seed):
         reports = tmp / 'reports'
-        out = run(DEFAULT, ['ptmq.iters=3', 'calib_images=128'], reports, threads=1)
-        yield reports, out
-    finally:
-        if old is None: os.environ.pop('PTMQ_CACHE', None)
-        else: os.environ['PTMQ_CACHE'] = old
+        yield reports, run(DEFAULT, ['ptmq.iters=3', 'calib_images=128'], reports, threads=1)
 
 def test_papermill_run_produces_every_report_file(pipeline):
     reports, out = pipeline
@@ -120,8 +111,7 @@ def test_report_html_hides_code_and_opens_with_name_and_results(pipeline):
     # the notebook beside it keeps every cell, code included
     assert 'load_params(' in (out / 'report.ipynb').read_text()
 
-def test_run_shows_the_notebook_progress_on_the_terminal(tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
+def test_run_shows_the_notebook_progress_on_the_terminal(tmp_path, capfd, fresh_cache):
     out = run(DEFAULT, ['ptmq.iters=2', 'calib_images=64', 'deploy.onnx=false', 'rtn=false'], tmp_path / 'reports', progress=True, threads=1, index=False)
     err = capfd.readouterr().err
     assert 'PTMQ:' in err and 'unit 1/5' in err and '100/100' not in err and '10/10' in err      # 5 units x 2 iterations

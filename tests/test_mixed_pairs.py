@@ -176,11 +176,10 @@ def test_params_accept_mixed_precision_with_pairs():
     p = load_params(REPO / 'params' / 'default.yaml', ['ptmq.pairs=[W2A2, W3A3, W4A4]', 'mixed_precision={budget: bops, budgets: 3}'], check_paths=False)
     assert p.mixed_precision.budget_list(p.ptmq.a_bits, p.ptmq.pairs.pairs) == [0.4375, 0.625, 0.8125]   # between 2x2/4x4 and 1
 
-def test_ptmq_run_mixed_precision_over_pairs_then_from_the_kept_model(tmp_path, monkeypatch):
+def test_ptmq_run_mixed_precision_over_pairs_then_from_the_kept_model(tmp_path, fresh_cache):
     "`ptmq run` with pairs and a mixed_precision section: pair-plan rows, a kept model with its plans; then the same study from that model."
     from conftest import REPO
     from ptmq.runner import run
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     study = ['ptmq.iters=2', 'calib_images=64', 'ptmq.pairs=[W2A2, W3A3, W4A4]', 'deploy.save=true', 'deploy.onnx=false',
              'mixed_precision={budget: bops, budgets: [0.5, 0.75], random_plans: 1, sensitivity_images: 16}']
     out = run(REPO / 'params' / 'default.yaml', study, tmp_path / 'reports', threads=1)

@@ -159,6 +159,13 @@ def test_mse_grid_is_qdrops_search(bits, p):
     s, z = mse_grid_qparams(w, bits, per_channel=True, p=p, grid=20)
     es, ez = _grid_by_definition(w, bits, True, p, grid=20)
     assert torch.allclose(s, es, rtol=1e-5) and torch.equal(z, ez)
+    # the zero points of a step are scored in batches: any batch size, and a whole tensor, give the same search
+    small = mse_grid_qparams(w, bits, per_channel=True, p=p, grid=20, max_elems=w.numel())       # one zero point at a time
+    assert torch.equal(small[0], s) and torch.equal(small[1], z)
+    flat = w[:2].flatten()
+    ts, tz = mse_grid_qparams(flat, bits, p=p, grid=20)
+    es, ez = _grid_by_definition(flat, bits, False, p, grid=20)
+    assert ts.shape == () and torch.allclose(ts, es[0], rtol=1e-5) and tz.item() == ez.item()
     r = torch.relu(torch.randn(500, generator=g))          # one sign: the same ranges as mse_qparams
     assert all(torch.equal(u, v) for u, v in zip(mse_grid_qparams(r, 4, p=p), mse_qparams(r, 4, p=p)))
     with pytest.raises(ValueError, match='mse_grid'): observe(w, 4, 'mse2d')

@@ -4,7 +4,7 @@ import json, os, sys
 from pathlib import Path
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, cache_at
 from ptmq.runner import run_all
 from ptmq.sweep import sweep, receive, run_task
 
@@ -22,17 +22,13 @@ def _top1(reports: Path, name: str) -> dict:
     return {(x['method'], x['a_bits']): x['top1'] for x in r['results']}
 
 @pytest.fixture(scope='module')
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, digits_seed):
     tmp = tmp_path_factory.mktemp('sweep')
-    old = os.environ.get('PTMQ_CACHE'); os.environ['PTMQ_CACHE'] = str(tmp / 'cache')
-    try:
+    with cache_at(tmp / 'cache', digits_seed):
         folder = _params(tmp / 'params')
         seq = run_all(folder, reports=tmp / 'seq', overrides=TINY, threads=1)
         par = run_all(folder, reports=tmp / 'par', overrides=TINY, workers=2, threads=1)
         yield tmp, folder, seq, par
-    finally:
-        if old is None: os.environ.pop('PTMQ_CACHE', None)
-        else: os.environ['PTMQ_CACHE'] = old
 
 def test_a_two_worker_sweep_matches_the_sequential_run(swept):
     tmp, folder, seq, par = swept

@@ -207,11 +207,10 @@ def test_format_1_files_still_load(tmp_path):
 
 # ---------------------------------------------------------------- through `ptmq run`
 
-def test_ptmq_run_with_pairs_writes_ptmq_wset_rows(tmp_path, monkeypatch):
+def test_ptmq_run_with_pairs_writes_ptmq_wset_rows(tmp_path, fresh_cache):
     "The offline default (digits ResNet-8) as one calibration for W2A2 / W3A3 / W4A4, a few iterations: rows, report, kept model."
     from conftest import REPO
     from ptmq.runner import run
-    monkeypatch.setenv('PTMQ_CACHE', str(tmp_path / 'cache'))
     out = run(REPO / 'params' / 'default.yaml', ['ptmq.iters=2', 'calib_images=64', 'ptmq.pairs=[W2A2, W3A3, W4A4]',
                                                  'deploy.save=true'], tmp_path / 'reports', threads=1)
     rec = json.loads((out / 'results.json').read_text())
