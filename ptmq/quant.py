@@ -44,9 +44,9 @@ def minmax_qparams(x: Tensor, bits: int, per_channel: bool = False) -> tuple[Ten
     "MinMax observer: the grid spans the whole range of `x` (per row of `x` when `per_channel`)."
     return qparams(*_range(x, per_channel), bits)
 
-def _lp_error(x: Tensor, s: Tensor, z: Tensor | float, qmax: int, p: float, per_channel: bool, e: Tensor) -> Tensor:
+def _lp_error(x: Tensor, s: Tensor, z: Tensor, qmax: int, p: float, per_channel: bool, e: Tensor) -> Tensor:
     "Mean `|fake_quant(x) - x|^p` (per row when `per_channel`), op for op in place in the buffer `e` (round_ste's forward is exactly round)."
-    sb, zb = (s[:, None], z[:, None] if isinstance(z, Tensor) else z) if per_channel else (s, z)
+    sb, zb = (s[:, None], z[:, None]) if per_channel else (s, z)
     torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_().pow_(p)
     return e.mean(dim=1) if per_channel else e.mean()
 
@@ -73,26 +73,27 @@ def mse_grid_qparams(x: Tensor, bits: int, per_channel: bool = False, p: float =
     step `(hi - lo) * i / grid / (2^bits - 1)`, i = 1..grid, and a zero point `0..2^bits - 1` (per row when `per_channel`).
     The zero points of one step are tried together, at most `max_elems` elements at a time."""
     if bool((x >= 0).all()) or bool((x <= 0).all()): return mse_qparams(x, bits, per_channel, p, grid)
-    lo, hi = _range(x, per_channel)
+    rows = x if per_channel else x.reshape(1, -1)          # a whole tensor is one row
+    lo, hi = _range(rows, True)
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    qmax, rows = 2 ** bits - 1, x.reshape(len(x) if per_channel else 1, -1)
+    qmax = 2 ** bits - 1
     best_s, best_z = qparams(lo, hi, bits)
     best_err = torch.full_like(lo, float('inf'))
     chunk = max(1, min(qmax + 1, max_elems // rows.numel()))
-    zps, e = torch.arange(qmax + 1, dtype=x.dtype, device=x.device), torch.empty((chunk,) + rows.shape, dtype=x.dtype, device=x.device)
+    zps, r = torch.arange(qmax + 1, dtype=x.dtype, device=x.device), torch.empty_like(rows)
+    e = torch.empty((chunk,) + rows.shape, dtype=x.dtype, device=x.device)
     for i in range(1, grid + 1):
         s = torch.clamp((hi - lo) * (i / grid) / qmax, min=1e-8)
-        sb = s.reshape(-1, 1)
-        r = torch.div(rows, sb).round_()                   # round(x/s) does not depend on the zero point
+        sb = s[:, None]
+        torch.div(rows, sb, out=r).round_()                # round(x/s) does not depend on the zero point
         for z0 in range(0, qmax + 1, chunk):
             z = zps[z0:z0 + chunk].reshape(-1, 1, 1)
             ez = torch.add(r, z, out=e[:len(z)]).clamp_(0, qmax).sub_(z).mul_(sb).sub_(rows).abs_().pow_(p)
             err, k = ez.mean(dim=2).min(dim=0)             # per row: the smallest error of the chunk, its first zero point
-            if not per_channel: err, k = err[0], k[0]
             better = err < best_err                        # strict: the earliest (step, zero point) wins ties, as one at a time
             best_err = torch.where(better, err, best_err)
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, (k + z0).to(x.dtype), best_z)
-    return best_s, best_z
+    return (best_s, best_z) if per_channel else (best_s[0], best_z[0])
 
 OBSERVERS = {'minmax': minmax_qparams, 'mse': mse_qparams, 'mse_grid': mse_grid_qparams}
 

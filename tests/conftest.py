@@ -35,11 +35,9 @@ def cache_at(path: Path, seed: Path):
     "`$PTMQ_CACHE` set to a new cache at `path` that shares `seed`'s digits images and model (links), restored afterwards."
     path.mkdir(parents=True, exist_ok=True)
     for name in ('digits', 'digits_resnet8.pth'): (path / name).symlink_to(seed / name)
-    old = os.environ.get('PTMQ_CACHE'); os.environ['PTMQ_CACHE'] = str(path)
-    try: yield path
-    finally:
-        if old is None: os.environ.pop('PTMQ_CACHE', None)
-        else: os.environ['PTMQ_CACHE'] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('PTMQ_CACHE', str(path))
+        yield path
 
 @pytest.fixture
 def fresh_cache(tmp_path, digits_seed) -> Path:
