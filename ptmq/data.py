@@ -55,15 +55,21 @@ def image_folder(root: str | os.PathLike, transform=None) -> datasets.ImageFolde
     try: return datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e: raise FileNotFoundError(f"{root} is not an ImageFolder: {e}") from e
 
-def seeded_subset(ds, n: int | None, seed: int = 0):
-    "`n` items of `ds` drawn at random without replacement with a fixed seed (all of `ds` if `n` is None or too big)."
-    if n is None or n >= len(ds): return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+def seeded_subset(ds, n: int | None, seed: int = 0, skip: int = 0):
+    """`n` items of `ds` drawn at random without replacement with a fixed seed (all of `ds` if `n` is None or too big).
+    `skip` leaves out the first `skip` items of that seeded order, so the items are disjoint from `seeded_subset(ds, skip, seed)`
+    (held-out images beside a calibration set); then all `n` must be there."""
+    if skip == 0 and (n is None or n >= len(ds)): return ds
+    if skip < 0 or n is None or n < 1: raise ValueError(f"skip must be >= 0 and n >= 1 with it, got skip={skip}, n={n}")
+    if skip + n > len(ds): raise ValueError(f"{len(ds)} items: {n} after the first {skip} are not there (only {max(len(ds) - skip, 0)})")
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[skip:skip + n]
     return Subset(ds, idx.tolist())
 
-def calibration_images(root: str | os.PathLike, transform, n: int = 1024, seed: int = 0, workers: int = 0) -> Tensor:
-    "A tensor of `n` preprocessed images drawn with a fixed seed from the ImageFolder at `root` (labels are not used)."
-    ds = seeded_subset(image_folder(root, transform), n, seed)
+def calibration_images(root: str | os.PathLike, transform, n: int = 1024, seed: int = 0, workers: int = 0, skip: int = 0) -> Tensor:
+    """A tensor of `n` preprocessed images drawn with a fixed seed from the ImageFolder at `root` (labels are not used);
+    `skip=k`: `n` images none of which is among `calibration_images(root, transform, k, seed)` (held out from that calibration)."""
+    try: ds = seeded_subset(image_folder(root, transform), n, seed, skip)
+    except ValueError as e: raise ValueError(f"{root}: {e}") from None
     loader = DataLoader(ds, batch_size=256, num_workers=workers)
     return torch.cat([x for x, _ in loader])
 

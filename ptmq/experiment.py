@@ -60,11 +60,14 @@ class MixedPrecisionParams:
     budgets: list[float] | int = 8     # average activation bits (budget: bops -> fractions of the highest uniform plan's BOPs); an int n: n evenly spaced
     budget: str = 'avg_bits'           # avg_bits or bops
     random_plans: int = 5              # random plans per budget: the honest baseline
-    sensitivity_images: int = 256      # the first N calibration images (training split; never the evaluation set)
+    sensitivity_images: int = 256      # N training-split images (never the evaluation set) for the sensitivity
+    sensitivity_from: str = 'held_out' # held_out: N images outside the calibration set; calibration: its first N images
     seed: int = 0                      # of the random plans
 
     def __post_init__(self):
         if self.budget not in ('avg_bits', 'bops'): raise ValueError(f"budget must be avg_bits or bops, got {self.budget!r}")
+        if self.sensitivity_from not in ('held_out', 'calibration'):
+            raise ValueError(f"sensitivity_from must be held_out or calibration, got {self.sensitivity_from!r}")
         b = self.budgets
         if isinstance(b, bool) or not (isinstance(b, int) and b >= 1 or isinstance(b, list) and b and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
@@ -90,7 +93,7 @@ class MixedPrecisionParams:
         "The section, validated; `n_pairs`: how many (w, a) pairs the model serves (a weight-set model's plans choose among those)."
         if d is None or d is False: return None
         if d is True: d = {}
-        if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, seed), true, or null")
+        if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, sensitivity_from, seed), true, or null")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown: raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(f.name for f in fields(cls))}")
         mp = cls(**d)
@@ -147,7 +150,19 @@ class ExperimentParams:
         w = self.weights_source()
         if isinstance(w, Path) and not w.is_file():
             raise ParamsError(f"{source}: key 'weights': weights file not found: {w}; fix the path or set data_root (now {expand(self.data_root)!r})")
+        mp = self.mixed_precision
+        if mp is not None and mp.sensitivity_from == 'held_out':
+            from ptmq.data import image_folder
+            n = len(image_folder(self.path(self.calib_data)).samples)
+            if n < self.calib_images + mp.sensitivity_images: raise self.too_few_held_out(n, source)
         if self.model_file is not None: self.check_model_file(source)
+
+    def too_few_held_out(self, n: int, source: str = '<params>') -> ParamsError:
+        "The error for a calibration folder of `n` images that cannot hold the held-out sensitivity images beside the calibration's."
+        mp = self.mixed_precision
+        return ParamsError(f"{source}: key 'mixed_precision': {mp.sensitivity_images} held-out sensitivity images beside the "
+                           f"{self.calib_images} calibration images need {self.calib_images + mp.sensitivity_images} in {self.calib_data}, "
+                           f"which has {n}; lower sensitivity_images or calib_images, or set sensitivity_from: calibration")
 
     def check_model_file(self, source: str = '<params>') -> dict:
         "The header of `model_file`, checked against this experiment (model, weight and activation bit-widths) before any work."
@@ -163,7 +178,18 @@ class ExperimentParams:
         diff = sorted(k for k in mine if k != 'device' and cfg.get(k) != mine[k])
         if diff: raise ParamsError(f"{source}: key 'model_file': {f} was calibrated with other PTMQ settings: "
                                    + ', '.join(f"{k}: file {cfg.get(k)!r}, params {mine[k]!r}" for k in diff))
+        if self.mixed_precision is not None and self.mixed_precision.sensitivity_from == 'held_out':
+            mine = self.calibration_record()        # held-out images are only held out from the calibration that made the file
+            theirs = {k: (meta.get('user') or {}).get(k) for k in mine}
+            if theirs != mine: raise ParamsError(
+                f"{source}: key 'mixed_precision': held-out sensitivity images must be images {f} was not calibrated on, but its "
+                f"calibration images {theirs} are not this experiment's {mine}; use the same calibration images, or set "
+                "sensitivity_from: calibration")
         return meta
+
+    def calibration_record(self) -> dict[str, Any]:
+        "Which calibration images this experiment draws (recorded in a kept model, so that held-out images can be checked later)."
+        return {'calib_data': self.calib_data, 'calib_images': self.calib_images, 'calib_seed': self.calib_seed}
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -263,9 +289,18 @@ class Prepared:
     eval_set: Any
     seconds: float
     data_config: dict | None = None
+    held_out: torch.Tensor | None = None     # training images outside the calibration set, for a mixed-precision sensitivity
+
+    def sensitivity_images(self, mp: MixedPrecisionParams) -> torch.Tensor:
+        "The images of `mp`'s sensitivity: the held-out ones (`sensitivity_from: held_out`) or the first calibration images."
+        if mp.sensitivity_from == 'calibration': return self.calib[:mp.sensitivity_images]
+        if self.held_out is None or len(self.held_out) != mp.sensitivity_images:
+            raise ValueError(f"no {mp.sensitivity_images} held-out images were prepared (prepare() loads them for a mixed_precision section)")
+        return self.held_out
 
 def prepare(p: ExperimentParams) -> Prepared:
-    "Load the float model, a seeded calibration tensor, and the (preloaded) evaluation set of `p`."
+    """Load the float model, a seeded calibration tensor, the (preloaded) evaluation set of `p`, and for a mixed-precision
+    study with `sensitivity_from: held_out` its sensitivity images (checked here, before any slow work)."""
     from ptmq.models import create_model
     from ptmq.data import data_config, transform_from_config, calibration_images, image_folder, seeded_subset, preload, match_labels
     t = time.perf_counter()
@@ -276,9 +311,13 @@ def prepare(p: ExperimentParams) -> Prepared:
     ev = image_folder(p.path(p.eval_data), tf)
     with torch.no_grad(): ev = match_labels(ev, model.eval()(ev[0][0][None]).shape[-1])   # labels checked before the slow work
     calib = calibration_images(p.path(p.calib_data), tf, p.calib_images, p.calib_seed, p.workers)
+    held, mp = None, p.mixed_precision
+    if mp is not None and mp.sensitivity_from == 'held_out':
+        try: held = calibration_images(p.path(p.calib_data), tf, mp.sensitivity_images, p.calib_seed, p.workers, skip=len(calib))
+        except ValueError: raise p.too_few_held_out(len(image_folder(p.path(p.calib_data)).samples), p.name) from None
     eval_set = seeded_subset(ev, p.eval_images, seed=p.calib_seed)
     if len(eval_set) <= 20000: eval_set = preload(eval_set, p.eval_batch, p.workers)
-    return Prepared(model, calib, eval_set, time.perf_counter() - t, dc)
+    return Prepared(model, calib, eval_set, time.perf_counter() - t, dc, held)
 
 def float_sizes(p: ExperimentParams, model: torch.nn.Module) -> dict[str, int | None]:
     "Bytes of the float model: its float32 state dict, and its checkpoint file when the weights come from a local file."
@@ -289,7 +328,7 @@ def float_sizes(p: ExperimentParams, model: torch.nn.Module) -> dict[str, int | 
 def keep_model(qm: torch.nn.Module, folder: str | os.PathLike, p: ExperimentParams, prep: Prepared, file: str = 'model.safetensors') -> dict[str, Any]:
     "Save the calibrated model into `folder` (`ptmq.save`); its file name, size and SHA-256, with the float model's sizes beside them."
     from ptmq.serialize import save
-    info = save(qm, Path(folder) / file, model_name=p.model, data_config=prep.data_config, metadata={'experiment': p.name})
+    info = save(qm, Path(folder) / file, model_name=p.model, data_config=prep.data_config, metadata={'experiment': p.name, **p.calibration_record()})
     return {**info, 'w_bits': qm.w_bits, 'a_bits': list(qm.a_bits), **float_sizes(p, prep.model)}
 
 def load_kept(p: ExperimentParams, device: str | torch.device = 'cpu') -> tuple[torch.nn.Module, CalibrationResult]:

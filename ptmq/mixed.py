@@ -239,17 +239,29 @@ class Sensitivity:
     kl: np.ndarray                # [U x B]; the column of the highest choice is 0
     images: int
     seconds: float
+    uniform: np.ndarray | None = None   # [B]: the KL with EVERY slot at choice j, measured (0 at the highest)
+
+    def additivity(self) -> np.ndarray:
+        "Per choice below the highest: the measured KL of the uniform plan over the sum of its slots' sensitivities (1: additive)."
+        if self.uniform is None: raise ValueError("no uniform-plan KL was measured with these sensitivities")
+        return self.uniform[:-1] / np.maximum(self.kl[:, :-1].sum(0), 1e-30)
+    def scaled(self) -> 'Sensitivity':
+        "The sensitivities with each choice's column scaled so that every uniform plan's sum equals its measured KL."
+        kl = self.kl.copy(); kl[:, :-1] *= self.additivity()[None]
+        return Sensitivity(self.bits, kl, self.images, self.seconds, self.uniform)
 
     def total(self, plan) -> float:
         "The predicted (additive) sensitivity of `plan`."
         return float(sum(self.kl[k, self.bits.index(b)] for k, b in enumerate(plan)))
     def to_dict(self) -> dict[str, Any]:
         return {'bits': [_pair_label(b) if isinstance(b, tuple) else b for b in self.bits], 'kl': [[float(v) for v in row] for row in self.kl],
-                'images': self.images, 'seconds': round(self.seconds, 2)}
+                'images': self.images, 'seconds': round(self.seconds, 2)} | (
+                {'uniform': [float(v) for v in self.uniform]} if self.uniform is not None else {})
     @classmethod
     def from_dict(cls, d: dict) -> 'Sensitivity':
         bits = tuple(parse_pair(b) if isinstance(b, (str, list)) else int(b) for b in d['bits'])
-        return cls(bits, np.asarray(d['kl'], dtype=float), int(d['images']), float(d['seconds']))
+        uni = np.asarray(d['uniform'], dtype=float) if d.get('uniform') is not None else None
+        return cls(bits, np.asarray(d['kl'], dtype=float), int(d['images']), float(d['seconds']), uni)
 
 def _pair_choices(model: QuantModel, pairs: Sequence) -> tuple[tuple[int, int], ...]:
     "The (w, a) pairs of a pair study, by w x a, checked against `model`: the first at or below, the last at or above, every other in both bit-widths."
@@ -276,7 +288,7 @@ def sensitivity(model: QuantModel, images: Tensor, batch_size: int = 128, progre
     before = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)]
     w_before = model.w_bits
     dev = next(model.parameters()).device
-    kl = np.zeros((len(slots), len(bits)))
+    kl, uni = np.zeros((len(slots), len(bits))), np.zeros(len(bits))
     top = bits[-1]
     def choose(k, c):                                  # slot k at choice c
         a = c[1] if pairs is not None else c
@@ -291,17 +303,24 @@ def sensitivity(model: QuantModel, images: Tensor, batch_size: int = 128, progre
             ins = []
             for u in model.units: ins.append(h); h = u(h)
             ref = F.log_softmax(h.float(), -1)
+            kl_sum = lambda h: float(F.kl_div(F.log_softmax(h.float(), -1), ref, log_target=True, reduction='sum'))
+            for j, b in enumerate(bits[:-1]):              # every slot lowered at once: how additive the sum is
+                for k in range(len(slots)): choose(k, b)
+                h = ins[0]
+                for v in model.units: h = v(h)
+                for k in range(len(slots)): choose(k, top)
+                uni[j] += kl_sum(h)
             for k, s in enumerate(slots):
                 for j, b in enumerate(bits[:-1]):
                     choose(k, b)
                     h = ins[s.unit]
                     for v in model.units[s.unit:]: h = v(h)
                     choose(k, top)
-                    kl[k, j] += float(F.kl_div(F.log_softmax(h.float(), -1), ref, log_target=True, reduction='sum'))
+                    kl[k, j] += kl_sum(h)
     finally:
         for q, i in before: q.idx = i
         model.w_bits = w_before
-    return Sensitivity(bits, kl / len(images), len(images), time.perf_counter() - t0)
+    return Sensitivity(bits, kl / len(images), len(images), time.perf_counter() - t0, uni / len(images))
 
 # %% ../nbs/18_mixed.ipynb #5938db97
 @dataclass
@@ -357,9 +376,10 @@ def budget_grid(bits: Sequence[int], n: int) -> list[float]:
 
 def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequence[float], kind: str = 'avg_bits',
                     n_random: int = 5, seed: int = 0, batch_size: int = 128, progress: bool = False, uniform: bool = True,
-                    pairs: Sequence | None = None) -> dict[str, Any]:
+                    pairs: Sequence | None = None, scaled: bool = False) -> dict[str, Any]:
     """Sensitivity, costs, the front's plan and random plans per budget (and the uniform plans if `uniform`), evaluated; rows and parts.
-    With `pairs` (a weight-set model's (w, a) pairs), every plan gives each slot a pair: its activations and the weights it feeds."""
+    With `pairs` (a weight-set model's (w, a) pairs), every plan gives each slot a pair: its activations and the weights it feeds.
+    With `scaled`, the knapsack sees `Sensitivity.scaled()`: each choice's column scaled to its uniform plan's measured KL."""
     if kind not in ('avg_bits', 'bops'): raise ValueError(f"unknown budget kind {kind!r}; known: avg_bits, bops")
     dev = next(model.parameters()).device
     bits = _pair_choices(model, pairs) if pairs is not None else tuple(sorted(model.a_bits))
@@ -371,14 +391,15 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     bad = [b for b in budgets if b * scale < lo * (1 - 1e-12)]
     if bad: raise ValueError(f"budget(s) {bad} below the cheapest plan ({lo / scale:g} {'bits' if kind == 'avg_bits' else 'of the highest BOPs'})")
     sens = sensitivity(model, images, batch_size, progress, pairs=bits if pairs is not None else None)
-    front = pareto_front(cost, sens.kl, bits, const)
+    alloc = sens.scaled() if scaled else sens           # what the knapsack minimises (the study keeps the measured `sens`)
+    front = pareto_front(cost, alloc.kl, bits, const)
     rng = np.random.default_rng(seed)
     before, w_before = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)], model.w_bits
     def row(method, plan, budget):
         set_plan(model, plan)
         extra = {'avg_w_bits': round(costs.avg_w_bits(plan), 4)} if pairs is not None else {}
         return {'method': method, 'w_bits': model.w_bits, 'a_bits': None, 'budget': budget, 'avg_a_bits': round(costs.avg_bits(plan), 4),
-                'bops': costs.bops(plan), **extra, 'predicted_kl': round(sens.total(plan), 6), 'top1': evaluate(model), 'plan': plan.to_list()}
+                'bops': costs.bops(plan), **extra, 'predicted_kl': round(alloc.total(plan), 6), 'top1': evaluate(model), 'plan': plan.to_list()}
     rows, plans, secs = [], {}, {'sensitivity': sens.seconds, 'front': 0.0, 'random': 0.0}
     def timed(part, *args):
         t = time.perf_counter(); r = row(*args); secs[part] += time.perf_counter() - t
@@ -397,7 +418,7 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     finally:
         for q, i in before: q.idx = i
         model.w_bits = w_before
-    return {'rows': rows, 'sensitivity': sens, 'costs': costs, 'front': front, 'plans': plans, 'kind': kind,
+    return {'rows': rows, 'sensitivity': sens, 'scaled': scaled, 'costs': costs, 'front': front, 'plans': plans, 'kind': kind,
             'seconds': {k: round(v, 1) for k, v in secs.items()}}
 
 # %% ../nbs/18_mixed.ipynb #942e8297

@@ -106,7 +106,19 @@ def test_sensitivity_is_kl_of_one_lowered_quantizer(r8):
     assert s.total(BitPlan((8, 8, 8, 4, 6, 8, 8))) == pytest.approx(s.kl[3, 0] + s.kl[4, 1])
     assert s.kl[:, 0].min() > 1e-5                                         # far above float rounding (~1e-9)
     assert s.kl[:, 0].sum() > 2 * s.kl[:, 1].sum()                          # lowering further costs more (per slot on 24 images: noisy)
-    assert np.allclose(Sensitivity.from_dict(s.to_dict()).kl, s.kl)
+    back = Sensitivity.from_dict(s.to_dict())
+    assert np.allclose(back.kl, s.kl) and np.allclose(back.uniform, s.uniform)
+    with torch.no_grad():                                                   # every slot lowered at once, measured
+        for j, b in enumerate((4, 6)):
+            low = torch.log_softmax(set_bits(r8, b)(x), -1)
+            assert s.uniform[j] == pytest.approx(float((ref.exp() * (ref - low)).sum(-1).mean()), rel=1e-4)
+    assert s.uniform[-1] == 0 and np.allclose(s.additivity(), s.uniform[:2] / s.kl[:, :2].sum(0))
+    sc = s.scaled()                                                         # columns scaled: each uniform plan's sum = its measured KL
+    assert np.allclose(sc.kl[:, :2].sum(0), s.uniform[:2]) and np.allclose(sc.kl[:, :2] / s.kl[:, :2], s.additivity()[None])
+    assert (sc.kl[:, -1] == 0).all() and sc.kl[3, 0] / sc.kl[4, 0] == pytest.approx(s.kl[3, 0] / s.kl[4, 0])
+    with pytest.raises(ValueError, match='no uniform-plan KL'): Sensitivity(s.bits, s.kl, 24, 0.0).additivity()
+    assert Sensitivity.from_dict({k: v for k, v in s.to_dict().items() if k != 'uniform'}).uniform is None   # files of before
+    set_bits(r8, PLAN)
 
 @pytest.mark.parametrize('seed', range(12))
 def test_knapsack_front_equals_brute_force(seed):
@@ -161,6 +173,13 @@ def test_mixed_precision_study_rows(r8):
     assert set(out['plans']) == {'avg_bits_5', 'avg_bits_7'}
     with pytest.raises(ValueError, match=r'below the cheapest plan'): mixed_precision(r8, x, agree, [3.5])
     with pytest.raises(ValueError, match='unknown budget kind'): mixed_precision(r8, x, agree, [5.0], kind='latency')
+    sc = mixed_precision(r8, x, agree, [5.0], n_random=0, uniform=False, scaled=True)
+    assert np.allclose(sc['sensitivity'].kl, out['sensitivity'].kl)       # the study keeps the measured sensitivities
+    plan = BitPlan(tuple(sc['rows'][0]['plan']))                           # the knapsack saw the scaled ones
+    assert sc['rows'][0]['predicted_kl'] == pytest.approx(sc['sensitivity'].scaled().total(plan), abs=1e-6)
+    assert sc['front'].best(5.0)[0] == plan and sc['scaled'] and not out['scaled']
+    assert sc['front'].best(5.0)[2] == pytest.approx(sc['sensitivity'].scaled().total(plan))
+    assert sc['sensitivity'].scaled().total(plan) != pytest.approx(sc['sensitivity'].total(plan))
     bops = mixed_precision(r8, x, agree, [0.8], kind='bops', n_random=1)
     full = bops['costs'].bops(BitPlan.uniform(r8, 8))
     assert all(r['bops'] <= 0.8 * full * (1 + 1e-9) for r in bops['rows'] if r['method'] != 'ptmq')
@@ -213,6 +232,7 @@ def _raw(**kw):
     ({'budgets': [0.5, 1.5], 'budget': 'bops'}, r'fractions .* in \(0, 1\]'),
     ({'random_plans': -1}, 'random_plans must be a non-negative integer'),
     ({'sensitivity_images': 0}, 'sensitivity_images must be a positive integer'),
+    ({'sensitivity_from': 'test'}, 'sensitivity_from must be held_out or calibration'),
     ({'budgetz': [3]}, r"unknown key\(s\) \['budgetz'\]"),
     ('yes', 'must be a mapping')])
 def test_mixed_precision_params_errors(section, msg):
@@ -229,6 +249,24 @@ def test_mixed_precision_params():
     with pytest.raises(ParamsError, match='at least two activation bit-widths'):
         params_from_dict(_raw(mixed_precision={}, ptmq={'w_bits': 3, 'single_bits': 3}), check_paths=False)
 
+def test_held_out_sensitivity_images(digits_seed):
+    "The default sensitivity images are training images outside the calibration set; too few of them is a clear error before any work."
+    from ptmq.experiment import params_from_dict, ParamsError, prepare
+    p = params_from_dict(_raw(calib_images=1024, mixed_precision={'sensitivity_images': 64}))
+    prep = prepare(p)
+    held = prep.sensitivity_images(p.mixed_precision)
+    assert held.shape == (64, 3, 8, 8) and not any(torch.equal(h, c) for h in held for c in prep.calib)
+    assert len({h.numpy().tobytes() for h in held}) == 64
+    p.mixed_precision.sensitivity_from = 'calibration'
+    assert torch.equal(prep.sensitivity_images(p.mixed_precision), prep.calib[:64])
+    msg = (r"key 'mixed_precision': 500 held-out sensitivity images beside the 1024 calibration images need 1524 in "
+           r"builtin:digits/train, which has 1437; lower sensitivity_images or calib_images, or set sensitivity_from: calibration")
+    with pytest.raises(ParamsError, match=r'<params>: ' + msg):                  # when the parameters are read
+        params_from_dict(_raw(calib_images=1024, mixed_precision={'sensitivity_images': 500}))
+    with pytest.raises(ParamsError, match=r'x: ' + msg):                         # and by prepare, when they were not checked
+        prepare(params_from_dict(_raw(calib_images=1024, mixed_precision={'sensitivity_images': 500}), check_paths=False))
+    assert params_from_dict(_raw(calib_images=1024, mixed_precision={'sensitivity_images': 500, 'sensitivity_from': 'calibration'}))
+
 def test_model_file_is_checked_before_any_work(r8, tmp_path):
     from ptmq.experiment import params_from_dict, ParamsError, load_kept
     with pytest.raises(ParamsError, match="key 'model_file': .*not found"):
@@ -237,3 +275,19 @@ def test_model_file_is_checked_before_any_work(r8, tmp_path):
     p = params_from_dict(_raw(model_file=str(tmp_path / 'r8.safetensors')), check_paths=False)
     with pytest.raises(ParamsError, match=r"holds \{'model': 'cifar_resnet8', 'w_bits': 4, 'a_bits': \[4, 6, 8\]\}, but this experiment is \{'model': 'digits_resnet8'"):
         p.check_model_file()
+
+def test_held_out_images_of_a_kept_model_are_held_out_from_its_calibration(r8, tmp_path):
+    "A run from a kept model takes held-out images only when the file records the same calibration images as the run's."
+    from ptmq.experiment import params_from_dict, ParamsError
+    raw = _raw(model='cifar_resnet8', model_file=str(tmp_path / 'r8.safetensors'), ptmq={'w_bits': 4, **CFG.to_dict()},
+               mixed_precision={'sensitivity_images': 64})
+    p = params_from_dict(raw, check_paths=False)
+    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='cifar_resnet8', metadata={'experiment': 'x', **p.calibration_record()})
+    assert p.check_model_file()['user']['calib_seed'] == 0
+    for change in ({'calib_seed': 1}, {'calib_images': 512}):
+        q = params_from_dict({**raw, **change}, check_paths=False)
+        with pytest.raises(ParamsError, match=r"held-out sensitivity images must be images .*r8.safetensors was not calibrated on"):
+            q.check_model_file()
+        params_from_dict({**raw, **change, 'mixed_precision': {'sensitivity_from': 'calibration'}}, check_paths=False).check_model_file()
+    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='cifar_resnet8')    # a file that does not say: refused too
+    with pytest.raises(ParamsError, match=r"its calibration images \{'calib_data': None"): p.check_model_file()

@@ -38,6 +38,12 @@ def test_calibration_images_seeded_and_folder_errors(tmp_path):
     assert a.shape == (6, 3, 32, 32) and torch.equal(a, b)
     assert not torch.equal(a, calibration_images(root, tf, n=6, seed=2))
     assert len(seeded_subset(image_folder(root), 100)) == 15
+    held = calibration_images(root, tf, n=8, seed=1, skip=6)                  # the next 8 images of the same seeded order
+    both = calibration_images(root, tf, n=14, seed=1)
+    assert torch.equal(both[:6], a) and torch.equal(both[6:], held)           # disjoint from the calibration set
+    with pytest.raises(ValueError, match=r'toy: 15 items: 10 after the first 6 are not there \(only 9\)'):
+        calibration_images(root, tf, n=10, seed=1, skip=6)
+    with pytest.raises(ValueError, match='skip must be >= 0'): seeded_subset(image_folder(root), None, skip=2)
     with pytest.raises(FileNotFoundError, match='data folder not found'): image_folder(tmp_path / 'missing')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match='not an ImageFolder'): image_folder(tmp_path / 'empty')
