@@ -279,15 +279,14 @@ def test_model_file_is_checked_before_any_work(r8, tmp_path):
 def test_held_out_images_of_a_kept_model_are_held_out_from_its_calibration(r8, tmp_path):
     "A run from a kept model takes held-out images only when the file records the same calibration images as the run's."
     from ptmq.experiment import params_from_dict, ParamsError
-    raw = _raw(model='cifar_resnet8', model_file=str(tmp_path / 'r8.safetensors'), ptmq={'w_bits': 4, **CFG.to_dict()},
-               mixed_precision={'sensitivity_images': 64})
+    raw = _raw(model_file=str(tmp_path / 'r8.safetensors'), ptmq=r8.config.to_dict(), mixed_precision={'sensitivity_images': 64})
     p = params_from_dict(raw, check_paths=False)
-    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='cifar_resnet8', metadata={'experiment': 'x', **p.calibration_record()})
+    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='digits_resnet8', metadata={'experiment': 'x', **p.calibration_record()})
     assert p.check_model_file()['user']['calib_seed'] == 0
     for change in ({'calib_seed': 1}, {'calib_images': 512}):
         q = params_from_dict({**raw, **change}, check_paths=False)
         with pytest.raises(ParamsError, match=r"held-out sensitivity images must be images .*r8.safetensors was not calibrated on"):
             q.check_model_file()
         params_from_dict({**raw, **change, 'mixed_precision': {'sensitivity_from': 'calibration'}}, check_paths=False).check_model_file()
-    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='cifar_resnet8')    # a file that does not say: refused too
+    ptmq.save(r8, tmp_path / 'r8.safetensors', model_name='digits_resnet8')   # a file that does not say: refused too
     with pytest.raises(ParamsError, match=r"its calibration images \{'calib_data': None"): p.check_model_file()
