@@ -247,6 +247,10 @@ def params_from_dict(raw: dict[str, Any], source: str = '<params>', check_paths:
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'deploy': {e}") from None
     try: mixed = MixedPrecisionParams.from_dict(raw.get('mixed_precision'), ptmq_cfg.a_bits, len(ptmq_cfg.pairs.pairs) if ptmq_cfg.pairs is not None else 0)
     except (ValueError, TypeError) as e: raise ParamsError(f"{source}: key 'mixed_precision': {e}") from None
+    n_calib = raw.get('calib_images', ExperimentParams.calib_images)
+    if mixed is not None and mixed.sensitivity_from == 'calibration' and mixed.sensitivity_images > n_calib:
+        raise ParamsError(f"{source}: key 'mixed_precision': sensitivity_images {mixed.sensitivity_images} with sensitivity_from: calibration "
+                          f"needs as many calibration images, but calib_images is {n_calib}; lower sensitivity_images or use held_out")
     if ptmq_cfg.pairs is not None:
         if raw.get('benchmark') is not None:
             raise ParamsError(f"{source}: key 'benchmark': a benchmark of a weight-set calibration is not supported yet; remove 'benchmark' "

@@ -118,13 +118,15 @@ def test_run_shows_the_notebook_progress_on_the_terminal(tmp_path, capfd, fresh_
     assert 'PTMQ W3A2' in err                                                           # the evaluations too
     assert not (out / 'progress.log').exists()
 
-def test_kernel_env_sets_threads_and_passive_waiting_then_restores(monkeypatch):
+def test_kernel_env_sets_threads_leaves_the_wait_policy_then_restores(monkeypatch):
     from ptmq.runner import kernel_env, cores
     monkeypatch.setenv('OMP_NUM_THREADS', '7'); monkeypatch.delenv('OMP_WAIT_POLICY', raising=False)
     with kernel_env(3, {'X_PTMQ': '1'}):
-        assert os.environ['OMP_NUM_THREADS'] == '3' and os.environ['MKL_NUM_THREADS'] == '3' and os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'
-        assert os.environ['X_PTMQ'] == '1'
+        assert os.environ['OMP_NUM_THREADS'] == '3' and os.environ['MKL_NUM_THREADS'] == '3' and os.environ['X_PTMQ'] == '1'
+        assert 'OMP_WAIT_POLICY' not in os.environ            # PASSIVE waiting made two-thread calibrations 1.5x slower
     assert os.environ['OMP_NUM_THREADS'] == '7' and 'OMP_WAIT_POLICY' not in os.environ and 'X_PTMQ' not in os.environ
+    monkeypatch.setenv('OMP_WAIT_POLICY', 'PASSIVE')                # a user's own setting passes through
+    with kernel_env(2): assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'
     with pytest.raises(ValueError, match='at least 1'):
         with kernel_env(0): pass
     assert 1 <= cores() <= (os.cpu_count() or 1)

@@ -248,6 +248,10 @@ def test_mixed_precision_params():
     assert params_from_dict(_raw(), check_paths=False).mixed_precision is None
     with pytest.raises(ParamsError, match='at least two activation bit-widths'):
         params_from_dict(_raw(mixed_precision={}, ptmq={'w_bits': 3, 'single_bits': 3}), check_paths=False)
+    with pytest.raises(ParamsError, match=r"key 'mixed_precision': sensitivity_images 300 with sensitivity_from: calibration needs as "
+                                          r"many calibration images, but calib_images is 256; lower sensitivity_images or use held_out"):
+        params_from_dict(_raw(calib_images=256, mixed_precision={'sensitivity_images': 300, 'sensitivity_from': 'calibration'}), check_paths=False)
+    assert params_from_dict(_raw(calib_images=256, mixed_precision={'sensitivity_images': 256, 'sensitivity_from': 'calibration'}), check_paths=False)
 
 def test_held_out_sensitivity_images(digits_seed):
     "The default sensitivity images are training images outside the calibration set; too few of them is a clear error before any work."
