@@ -5,7 +5,7 @@
 # %% ../nbs/18_mixed.ipynb #8d7de381
 from __future__ import annotations
 import math, time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 import numpy as np
 import torch
@@ -248,7 +248,7 @@ class Sensitivity:
     def scaled(self) -> 'Sensitivity':
         "The sensitivities with each choice's column scaled so that every uniform plan's sum equals its measured KL."
         kl = self.kl.copy(); kl[:, :-1] *= self.additivity()[None]
-        return Sensitivity(self.bits, kl, self.images, self.seconds, self.uniform)
+        return replace(self, kl=kl)
 
     def total(self, plan) -> float:
         "The predicted (additive) sensitivity of `plan`."
