@@ -26,21 +26,25 @@ def digits_folder(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     "Write scikit-learn's digits as an ImageFolder (`train/`, `test/`, 10 classes) once; return its root."
     root = Path(root) if root is not None else cache_dir() / 'digits'
     if (root / 'DONE').exists(): return root
+    from filelock import FileLock
     from sklearn.datasets import load_digits
     from PIL import Image
-    d = load_digits()
-    perm = torch.randperm(len(d.images), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_train = int(0.8 * len(perm))
-    tmp = root.with_name(root.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)
-    for rank, i in enumerate(perm):
-        split = 'train' if rank < n_train else 'test'
-        folder = tmp / split / str(d.target[i]); folder.mkdir(parents=True, exist_ok=True)
-        px = (d.images[i] * (255 / 16)).round().clip(0, 255).astype('uint8')
-        Image.fromarray(px, mode='L').convert('RGB').save(folder / f'{i:04d}.png')
-    (tmp / 'DONE').write_text('sklearn load_digits, 80/20 split, seed %d\n' % seed)
-    if root.exists():
-        import shutil; shutil.rmtree(root)
-    os.replace(tmp, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.with_name(root.name + '.lock')):      # runs starting together on a new cache: one writes, the others wait
+        if (root / 'DONE').exists(): return root
+        d = load_digits()
+        perm = torch.randperm(len(d.images), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_train = int(0.8 * len(perm))
+        tmp = root.with_name(root.name + '.tmp'); tmp.mkdir(parents=True, exist_ok=True)
+        for rank, i in enumerate(perm):
+            split = 'train' if rank < n_train else 'test'
+            folder = tmp / split / str(d.target[i]); folder.mkdir(parents=True, exist_ok=True)
+            px = (d.images[i] * (255 / 16)).round().clip(0, 255).astype('uint8')
+            Image.fromarray(px, mode='L').convert('RGB').save(folder / f'{i:04d}.png')
+        (tmp / 'DONE').write_text('sklearn load_digits, 80/20 split, seed %d\n' % seed)
+        if root.exists():
+            import shutil; shutil.rmtree(root)
+        os.replace(tmp, root)
     return root
 
 # %% ../nbs/10_digits.ipynb #ca7885ac
@@ -71,10 +75,13 @@ def digits_resnet8(weights: str | os.PathLike | None = None, pretrained: bool = 
     if not pretrained: return CifarResNet(8).eval()
     path = cache_dir() / 'digits_resnet8.pth'
     if path.exists(): return load_weights(CifarResNet(8), path).eval()
-    t = time.perf_counter()
-    log.info("training digits_resnet8 on the scikit-learn digits (first use; cached at %s)", path)
-    model = train_digits_resnet(digits_folder())
+    from filelock import FileLock
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({'state_dict': model.state_dict()}, path.with_suffix('.tmp')); os.replace(path.with_suffix('.tmp'), path)
-    log.info("trained in %.0fs", time.perf_counter() - t)
+    with FileLock(path.with_suffix('.lock')):                # runs starting together on a new cache: one trains, the others wait
+        if path.exists(): return load_weights(CifarResNet(8), path).eval()
+        t = time.perf_counter()
+        log.info("training digits_resnet8 on the scikit-learn digits (first use; cached at %s)", path)
+        model = train_digits_resnet(digits_folder())
+        torch.save({'state_dict': model.state_dict()}, path.with_suffix('.tmp')); os.replace(path.with_suffix('.tmp'), path)
+        log.info("trained in %.0fs", time.perf_counter() - t)
     return model

@@ -1,5 +1,7 @@
 """Shared test helpers. Tests that need the real data and weights find them through `shared_dir()`:
-$PTMQ_SHARED if set, else ../shared beside the repository; they skip with a reason when it is absent."""
+$PTMQ_SHARED if set, else ../shared beside the repository; they skip with a reason when it is absent.
+Under pytest-xdist (`-n N`, the README's test command) each worker is pinned to its own share of the cores, so that N workers
+and the `ptmq run` kernels they start never oversubscribe the machine."""
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,6 +9,18 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+def worker_cores(worker: str, count: int, cores: list[int]) -> set[int]:
+    "The cores of xdist worker `worker` ('gw0', 'gw1', ...) of `count`: every count-th of `cores` from its index (one at least)."
+    i = int(worker.removeprefix('gw'))
+    return set(cores[i::count]) or {cores[i % len(cores)]}
+
+def pytest_configure(config):
+    worker, count = os.environ.get('PYTEST_XDIST_WORKER'), int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)
+    if worker and count > 1 and hasattr(os, 'sched_setaffinity'):
+        mine = worker_cores(worker, count, sorted(os.sched_getaffinity(0)))
+        os.sched_setaffinity(0, mine)           # inherited by the kernels `ptmq run` starts, whose threads follow `cores()`
+        torch.set_num_threads(len(mine))
 
 def shared_dir() -> Path:
     return Path(os.environ.get('PTMQ_SHARED', REPO.parent / 'shared')).expanduser()
@@ -27,7 +41,7 @@ def digits_seed() -> Path:
     there once. Tests that need an empty cache of their own (a fresh benchmark cache, a first run) start from links to these
     two instead of training the model again."""
     from ptmq.digits import cache_dir, digits_resnet8
-    digits_resnet8()
+    digits_resnet8()                      # xdist workers share this cache: one trains, the others wait (a lock in ptmq.digits)
     return cache_dir()
 
 @contextmanager

@@ -131,6 +131,21 @@ def test_kernel_env_sets_threads_leaves_the_wait_policy_then_restores(monkeypatc
         with kernel_env(0): pass
     assert 1 <= cores() <= (os.cpu_count() or 1)
 
+def test_xdist_workers_get_disjoint_cores_covering_the_machine():
+    from conftest import worker_cores
+    split = [worker_cores(f'gw{i}', 2, [0, 1, 2, 3, 4]) for i in range(2)]
+    assert split == [{0, 2, 4}, {1, 3}]                                         # disjoint, every core used
+    assert [worker_cores(f'gw{i}', 3, [0, 1]) for i in range(3)] == [{0}, {1}, {0}]   # more workers than cores: one each
+
+def test_digits_made_once_when_runs_start_together_on_a_new_cache(tmp_path):
+    "Three processes asking for the digits folder at once (a sweep's first tasks): one writes it, the others wait; all see it whole."
+    import subprocess, sys
+    code = "import sys; from ptmq.digits import digits_folder; print(digits_folder(sys.argv[1]))"
+    procs = [subprocess.Popen([sys.executable, '-c', code, str(tmp_path / 'digits')], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0] and set(outs) == {str(tmp_path / 'digits')}
+    assert len(list((tmp_path / 'digits').rglob('*.png'))) == 1797 and not (tmp_path / 'digits.tmp').exists()
+
 def test_fair_threads_shares_the_cores_among_live_runs(tmp_path, monkeypatch):
     import torch
     from ptmq.data import fair_threads
