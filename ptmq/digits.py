@@ -8,6 +8,7 @@ import logging, os, time
 from pathlib import Path
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from .models import CifarResNet, load_weights
 
 log = logging.getLogger('ptmq')
@@ -22,15 +23,18 @@ def cache_dir() -> Path:
     "Where ptmq keeps what it makes at first use: `$PTMQ_CACHE`, default `~/.cache/ptmq`."
     return Path(os.environ.get('PTMQ_CACHE', '~/.cache/ptmq')).expanduser()
 
+def _lock_beside(path: Path) -> FileLock:
+    "`<path>.lock` (its folder made): runs starting together on a new cache make `path` once, one of them, the others wait."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.with_name(path.name + '.lock'))
+
 def digits_folder(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     "Write scikit-learn's digits as an ImageFolder (`train/`, `test/`, 10 classes) once; return its root."
     root = Path(root) if root is not None else cache_dir() / 'digits'
     if (root / 'DONE').exists(): return root
-    from filelock import FileLock
     from sklearn.datasets import load_digits
     from PIL import Image
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(root.with_name(root.name + '.lock')):      # runs starting together on a new cache: one writes, the others wait
+    with _lock_beside(root):
         if (root / 'DONE').exists(): return root
         d = load_digits()
         perm = torch.randperm(len(d.images), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -75,9 +79,7 @@ def digits_resnet8(weights: str | os.PathLike | None = None, pretrained: bool = 
     if not pretrained: return CifarResNet(8).eval()
     path = cache_dir() / 'digits_resnet8.pth'
     if path.exists(): return load_weights(CifarResNet(8), path).eval()
-    from filelock import FileLock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_suffix('.lock')):                # runs starting together on a new cache: one trains, the others wait
+    with _lock_beside(path):
         if path.exists(): return load_weights(CifarResNet(8), path).eval()
         t = time.perf_counter()
         log.info("training digits_resnet8 on the scikit-learn digits (first use; cached at %s)", path)
