@@ -47,7 +47,7 @@ def test_committed_benchmarks_plan_the_issue_runs():
         assert 2 * b.benchmark.multi_iters == b.ptmq.iters, f
 
 def test_committed_low_bit_studies_plan_their_runs():
-    "The A4/A3 studies: QDrop only at the lowest bit-width, one seed, the benchmark's iterations (and 4x them for the 800-it one)."
+    "The A4/A3 variant study: QDrop only at the lowest bit-width, one seed, the benchmark's iterations; the 800-it study: every bit-width at 4x them."
     v = load_params(REPO / 'params/bench/cifar10_resnet20_variants.yaml', check_paths=False)
     runs = [(r.method, r.w_bits, r.single_bits, r.seed) for r in v.benchmark.runs()]
     assert runs == [('qdrop', 4, 4, 0), ('ptmq', 4, None, 0), ('ptmq_mfm_low', 4, None, 0), ('ptmq_no_mfm_fp_each', 4, None, 0),
@@ -60,7 +60,9 @@ def test_committed_low_bit_studies_plan_their_runs():
     assert (each.mfm, each.gd_fp) == ('none', 'each') and v.benchmark.runs()[1].config(v.ptmq).gd_fp == 'mix'
     long = load_params(REPO / 'params/bench/cifar10_resnet20_800it.yaml', check_paths=False)
     assert long.ptmq.iters == 4 * base.ptmq.iters
-    assert [(r.method, r.single_bits) for r in long.benchmark.runs()] == [('qdrop', 4), ('ptmq', None), ('ptmq_no_mfm', None)]
+    runs = long.benchmark.runs()      # every bit-width at 4x the iterations: QDrop per bit-width, PTMQ with and without distillation
+    assert [(r.method, r.single_bits) for r in runs] == [('qdrop', 4), ('qdrop', 6), ('qdrop', 8), ('ptmq', None), ('ptmq_gd_fp_only', None)]
+    assert {r.config(long.ptmq).iters for r in runs} == {800} and runs[4].config(long.ptmq).gd_weights == (1.0, 0.0, 0.0)
 
 def test_run_config_is_the_method_switch_and_nothing_else():
     base, g = PTMQConfig(iters=50, lr_alpha=2e-3), BitGroups((4,), (6,), (8,))
