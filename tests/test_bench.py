@@ -47,17 +47,19 @@ def test_committed_benchmarks_plan_the_issue_runs():
         assert 2 * b.benchmark.multi_iters == b.ptmq.iters, f
 
 def test_committed_low_bit_studies_plan_their_runs():
-    "The A4/A3 variant study: QDrop only at the lowest bit-width, one seed, the benchmark's iterations; the 800-it study: every bit-width at 4x them."
+    "The variant study: QDrop at every bit-width, one seed, the benchmark's iterations, each variant one switch off the default; the 800-it study: every bit-width at 4x them."
     v = load_params(REPO / 'params/bench/cifar10_resnet20_variants.yaml', check_paths=False)
-    runs = [(r.method, r.w_bits, r.single_bits, r.seed) for r in v.benchmark.runs()]
-    assert runs == [('qdrop', 4, 4, 0), ('ptmq', 4, None, 0), ('ptmq_mfm_low', 4, None, 0), ('ptmq_no_mfm_fp_each', 4, None, 0),
-                    ('ptmq_amp', 4, None, 0), ('qdrop', 3, 3, 0), ('ptmq', 3, None, 0), ('ptmq_no_mfm', 3, None, 0),
-                    ('ptmq_mfm_low', 3, None, 0), ('ptmq_fp_each', 3, None, 0), ('ptmq_no_mfm_fp_each', 3, None, 0)]
+    runs = v.benchmark.runs()
+    w4 = ['ptmq', 'ptmq_paper_mfm', 'ptmq_block_drop', 'ptmq_fp_each', 'ptmq_gd_fp_only', 'ptmq_teacher_grad', 'ptmq_amp']
+    assert [(r.method, r.w_bits, r.single_bits, r.seed) for r in runs] == \
+        [('qdrop', 4, b, 0) for b in (4, 6, 8)] + [(m, 4, None, 0) for m in w4] + \
+        [('qdrop', 3, b, 0) for b in (3, 4, 8)] + [(m, 3, None, 0) for m in w4[:5]]
     base = load_params(REPO / 'params/bench/cifar10_resnet20.yaml', check_paths=False)
-    assert v.ptmq.iters == base.ptmq.iters and v.benchmark.runs()[2].config(v.ptmq).mix_lambdas == (0.6, 0.2, 0.2)
-    assert v.benchmark.runs()[4].config(v.ptmq).amp and not v.benchmark.runs()[1].config(v.ptmq).amp
-    each = v.benchmark.runs()[3].config(v.ptmq)
-    assert (each.mfm, each.gd_fp) == ('none', 'each') and v.benchmark.runs()[1].config(v.ptmq).gd_fp == 'mix'
+    assert (v.ptmq.iters, v.benchmark.multi_iters) == (base.ptmq.iters, base.benchmark.multi_iters)
+    default = runs[3].config(v.ptmq).to_dict()                                            # PTMQ as the benchmark runs it
+    changed = lambda r: {k for k, x in r.config(v.ptmq).to_dict().items() if x != default[k]}
+    assert [changed(r) for r in runs[4:10]] == [{'mfm'}, {'block_drop'}, {'gd_fp'}, {'gd_weights'}, {'detach_teacher'}, {'amp'}]
+    assert {r.config(v.ptmq).iters for r in runs} == {100, 200} and all(r.config(v.ptmq).iters == 200 for r in runs if r.method == 'qdrop')
     long = load_params(REPO / 'params/bench/cifar10_resnet20_800it.yaml', check_paths=False)
     assert long.ptmq.iters == 4 * base.ptmq.iters
     runs = long.benchmark.runs()      # every bit-width at 4x the iterations: QDrop per bit-width, PTMQ with and without distillation
