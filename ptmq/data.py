@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, re, time, logging
 from pathlib import Path
+import numpy as np
 import torch
 from torch import nn, Tensor
 from torch.utils.data import DataLoader, Subset
@@ -18,7 +19,7 @@ log = logging.getLogger('ptmq')
 # %% auto #0
 __all__ = ['log', 'WNID', 'torchvision_data_config', 'data_config', 'transform_from_config', 'model_transform', 'image_folder',
            'seeded_subset', 'calibration_images', 'make_toy_folder', 'match_labels', 'progress_bar', 'fair_threads',
-           'evaluate', 'preload']
+           'correct_per_image', 'top1_of', 'evaluate', 'preload']
 
 # %% ../nbs/03_data.ipynb #219d67f8
 def torchvision_data_config(name: str, weights: str | None = None) -> dict:
@@ -140,19 +141,27 @@ def fair_threads(registry: str | os.PathLike | None = None, threads: int | None 
 
 # %% ../nbs/03_data.ipynb #92e3421c
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int = 500, device: str | torch.device | None = None,
-             workers: int = 0, progress: bool = False, desc: str = 'eval') -> float:
-    "Top-1 accuracy (%) of `model` on `data` (a data set of (image, label) or a DataLoader), on `device` (default: where the model's parameters are)."
+def correct_per_image(model: nn.Module, data, batch_size: int = 500, device: str | torch.device | None = None,
+                      workers: int = 0, progress: bool = False, desc: str = 'eval') -> np.ndarray:
+    """Per image of `data` (a data set of (image, label) or a DataLoader), in order: whether `model`'s top class is its label
+    (a boolean array), on `device` (default: where the model's parameters are). Two models' arrays on the same data give
+    paired comparisons (which images one gets right and the other not)."""
     if device is None: device = next(iter(model.parameters()), torch.empty(0)).device
     if torch.device(device).type == 'cpu': fair_threads()
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, num_workers=workers)
     model.eval()
-    correct = total = 0
-    for x, y in progress_bar(loader, progress, desc=desc, leave=False):
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += (pred == y).sum().item(); total += len(y)
-    if total == 0: raise ValueError("evaluation data set is empty")
-    return 100.0 * correct / total
+    hits = [(model(x.to(device)).argmax(1).cpu() == y).numpy() for x, y in progress_bar(loader, progress, desc=desc, leave=False)]
+    if not hits or not sum(map(len, hits)): raise ValueError("evaluation data set is empty")
+    return np.concatenate(hits)
+
+def top1_of(correct: np.ndarray) -> float:
+    "Top-1 accuracy (%) from per-image correctness."
+    return 100.0 * int(np.count_nonzero(correct)) / len(correct)
+
+def evaluate(model: nn.Module, data, batch_size: int = 500, device: str | torch.device | None = None,
+             workers: int = 0, progress: bool = False, desc: str = 'eval') -> float:
+    "Top-1 accuracy (%) of `model` on `data` (a data set of (image, label) or a DataLoader), on `device` (default: where the model's parameters are)."
+    return top1_of(correct_per_image(model, data, batch_size, device, workers, progress, desc))
 
 def preload(ds, batch_size: int = 500, workers: int = 0) -> torch.utils.data.TensorDataset:
     "Decode and preprocess a whole data set once, into a TensorDataset of (images, labels)."

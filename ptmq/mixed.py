@@ -11,14 +11,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from .data import progress_bar
+from .data import progress_bar, top1_of
 from .quant import ActQuantizer, WeightQuantizer
 from .mfm import parse_pair
 from .blocks import QuantModel, QuantLayer, act_quantizers, weight_quantizers, plan_slots, plan_bits, set_bits
 
 # %% auto #0
 __all__ = ['UNIFORM_METHODS', 'BitPlan', 'current_plan', 'PairPlan', 'parse_plan', 'PlanCosts', 'plan_costs', 'weight_feeds',
-           'check_plan', 'set_plan', 'Sensitivity', 'sensitivity', 'Front', 'pareto_front', 'random_plan',
+           'check_plan', 'set_plan', 'Sensitivity', 'sensitivity', 'Front', 'pareto_front', 'random_plan', 'line_se',
            'budget_grid', 'mixed_precision', 'plot_sensitivity', 'plot_front', 'front_table']
 
 # %% ../nbs/18_mixed.ipynb #4f7f7f40
@@ -368,6 +368,21 @@ def random_plan(cost: np.ndarray, bits: Sequence, budget: float, rng: np.random.
             total += cost[k, j] - cost[k, choice[k]]; choice[k] = j
     return _make_plan(bits[c] for c in choice)
 
+# %% ../nbs/18_mixed.ipynb #8e16b000
+def line_se(cost: float, uniform: Sequence[tuple[float, np.ndarray]], correct: np.ndarray) -> float:
+    """Paired standard error (points) of a plan's top-1 minus the uniform line at `cost`: `uniform` is (cost, per-image
+    correctness) of each uniform plan, `correct` the plan's; the line interpolates the two neighbouring uniform plans per
+    image (as `np.interp` does the top-1s: clamped at the ends)."""
+    pts = sorted(uniform, key=lambda u: u[0])
+    if len(pts) < 2: raise ValueError(f"the uniform line needs at least two uniform plans, got {len(pts)}")
+    n = len(correct)
+    if n < 2 or any(len(c) != n for _, c in pts): raise ValueError(f"per-image correctness of different lengths (plan: {n}, uniform: {[len(c) for _, c in pts]}): evaluate every plan on the same images")
+    i = int(np.clip(np.searchsorted([c for c, _ in pts], cost, side='right') - 1, 0, len(pts) - 2))
+    (c0, y0), (c1, y1) = pts[i], pts[i + 1]
+    t = float(np.clip((cost - c0) / (c1 - c0), 0.0, 1.0)) if c1 > c0 else 0.0
+    d = np.asarray(correct, dtype=float) - ((1 - t) * np.asarray(y0, dtype=float) + t * np.asarray(y1, dtype=float))
+    return float(100 * d.std(ddof=1) / math.sqrt(n))
+
 # %% ../nbs/18_mixed.ipynb #c04f19e9
 def budget_grid(bits: Sequence[int], n: int) -> list[float]:
     "`n` average-bit budgets evenly spaced strictly between the lowest and the highest bit-width."
@@ -376,13 +391,21 @@ def budget_grid(bits: Sequence[int], n: int) -> list[float]:
 
 def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequence[float], kind: str = 'avg_bits',
                     n_random: int = 5, seed: int = 0, batch_size: int = 128, progress: bool = False, uniform: bool = True,
-                    pairs: Sequence | None = None, scaled: bool = False) -> dict[str, Any]:
+                    pairs: Sequence | None = None, scaled: bool = False, uniform_correct: dict | None = None) -> dict[str, Any]:
     """Sensitivity, costs, the front's plan and random plans per budget (and the uniform plans if `uniform`), evaluated; rows and parts.
+    `evaluate(model)` returns top-1 (%) or per-image correctness (`correct_per_image`); with correctness, each front row gets
+    `line_se`, the paired standard error of its top-1 minus the uniform line, per cost (`avg_a_bits`, `bops`), from the uniform
+    plans' correctness: evaluated here, or with `uniform=False` given as `uniform_correct` (choice -> correctness, every choice).
     With `pairs` (a weight-set model's (w, a) pairs), every plan gives each slot a pair: its activations and the weights it feeds.
     With `scaled`, the knapsack sees `Sensitivity.scaled()`: each choice's column scaled to its uniform plan's measured KL."""
     if kind not in ('avg_bits', 'bops'): raise ValueError(f"unknown budget kind {kind!r}; known: avg_bits, bops")
     dev = next(model.parameters()).device
     bits = _pair_choices(model, pairs) if pairs is not None else tuple(sorted(model.a_bits))
+    if uniform_correct is not None:
+        uniform_correct = {_pair(b) if pairs is not None else int(b): np.asarray(c, dtype=bool) for b, c in uniform_correct.items()}
+        if set(uniform_correct) != set(bits):
+            raise ValueError(f"uniform_correct needs the per-image correctness of every uniform plan {[_choice_label(b) for b in bits]}, "
+                             f"got {[_choice_label(b) for b in uniform_correct]}")
     costs = plan_costs(model, images[:2].to(dev))      # one trace: the costs, and with pairs the map of fed weights
     if pairs is not None: _keep_feeds(model, costs)
     cost, const = costs.table(bits, kind)
@@ -395,12 +418,16 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     front = pareto_front(cost, alloc.kl, bits, const)
     rng = np.random.default_rng(seed)
     before, w_before = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)], model.w_bits
+    rows, hits, plans, secs = [], [], {}, {'sensitivity': sens.seconds, 'front': 0.0, 'random': 0.0}
     def row(method, plan, budget):
         set_plan(model, plan)
         extra = {'avg_w_bits': round(costs.avg_w_bits(plan), 4)} if pairs is not None else {}
+        res = evaluate(model)
+        hit = np.asarray(res, dtype=bool) if isinstance(res, (np.ndarray, Tensor)) else None
+        hits.append(hit)
         return {'method': method, 'w_bits': model.w_bits, 'a_bits': None, 'budget': budget, 'avg_a_bits': round(costs.avg_bits(plan), 4),
-                'bops': costs.bops(plan), **extra, 'predicted_kl': round(alloc.total(plan), 6), 'top1': evaluate(model), 'plan': plan.to_list()}
-    rows, plans, secs = [], {}, {'sensitivity': sens.seconds, 'front': 0.0, 'random': 0.0}
+                'bops': costs.bops(plan), **extra, 'predicted_kl': round(alloc.total(plan), 6),
+                'top1': top1_of(hit) if hit is not None else float(res), 'plan': plan.to_list()}
     def timed(part, *args):
         t = time.perf_counter(); r = row(*args); secs[part] += time.perf_counter() - t
         return r
@@ -418,6 +445,11 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     finally:
         for q, i in before: q.idx = i
         model.w_bits = w_before
+    uni = uniform_correct if uniform_correct is not None else {b: h for b, h in zip(bits, hits[:len(bits)]) if uniform and h is not None}
+    if len(uni) == len(bits):                           # the front's paired standard errors against the uniform line, per cost
+        ucost = {k: [(f(_make_plan([b] * len(cost))), uni[b]) for b in bits] for k, f in (('avg_a_bits', costs.avg_bits), ('bops', costs.bops))}
+        for r, h in zip(rows, hits):
+            if r['method'] == 'ptmq_mp' and h is not None: r['line_se'] = {k: round(line_se(r[k], u, h), 4) for k, u in ucost.items()}
     return {'rows': rows, 'sensitivity': sens, 'scaled': scaled, 'costs': costs, 'front': front, 'plans': plans, 'kind': kind,
             'seconds': {k: round(v, 1) for k, v in secs.items()}}
 
@@ -462,7 +494,8 @@ def plot_front(rows: Sequence[dict], fp32: float | None = None, path=None):
 
 # %% ../nbs/18_mixed.ipynb #80bfe5b8
 def front_table(rows: Sequence[dict], key: str = 'avg_a_bits'):
-    "Per budget: the front's plan, its cost and top-1, the uniform line at that cost, and the random plans' mean and spread."
+    """Per budget: the front's plan, its cost and top-1, the uniform line at that cost (with the paired standard error of
+    front - line, where the study kept per-image correctness), and the random plans' mean and spread."""
     import pandas as pd
     uni = sorted((r[key], r['top1']) for r in rows if r['method'] in UNIFORM_METHODS and r.get(key) is not None)
     out = []
@@ -471,6 +504,7 @@ def front_table(rows: Sequence[dict], key: str = 'avg_a_bits'):
         line = float(np.interp(r[key], *zip(*uni))) if len(uni) >= 2 else float('nan')
         out.append({'budget': r['budget'], 'plan': str(parse_plan(r['plan'])), 'avg bits': r['avg_a_bits'], 'GBOPs': r['bops'] / 1e9,
                     'top-1 front': r['top1'], 'uniform line': line, 'front - line': r['top1'] - line,
+                    'paired s.e.': float((r.get('line_se') or {}).get(key, float('nan'))),
                     'random mean': float(np.mean(rnd)) if rnd else float('nan'), 'random std': float(np.std(rnd)) if rnd else float('nan'),
                     'front - random': r['top1'] - float(np.mean(rnd)) if rnd else float('nan')})
     return pd.DataFrame(out)

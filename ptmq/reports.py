@@ -140,9 +140,11 @@ def _mixed_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
            'Per budget, the plan of least total sensitivity (exact knapsack) evaluated on the test set, against the straight line '
            'between the neighbouring uniform bit-widths at the same cost, and against random plans at the same budget (points; '
            'targets: the front on or above the line and above the random mean at every budget). Costs: element-weighted average '
-           'activation bits (or BOPs where the study says so).', '',
-           '| experiment | model | W | budgets | front >= uniform line | front > random mean | front - line: min / mean | front - random: min / mean | plot |',
-           '|---|---|---|---|---|---|---|---|---|']
+           'activation bits (or BOPs where the study says so). `misses beyond 2 s.e.`: of the points below the line, those more '
+           'than two paired standard errors below it (the others the test set cannot tell from the line; `-`: a study that kept '
+           'no per-image correctness).', '',
+           '| experiment | model | W | budgets | front >= uniform line | misses beyond 2 s.e. | front > random mean | front - line: min / mean | front - random: min / mean | plot |',
+           '|---|---|---|---|---|---|---|---|---|---|']
     for r in recs:
         m = r['mixed_precision']
         key = 'avg_a_bits' if m.get('budget', 'avg_bits') == 'avg_bits' else 'bops'
@@ -157,8 +159,11 @@ def _mixed_lines(recs: Sequence[dict[str, Any]]) -> list[str]:
             t = front_table(rows, key)
             if not len(t): continue
             w, d = t['front - line'].dropna(), t['front - random'].dropna()
+            miss = t[t['front - line'] < 0]
+            beyond = '-' if miss['paired s.e.'].isna().any() or t['paired s.e.'].isna().all() else \
+                     f"{int((miss['front - line'] < -2 * miss['paired s.e.']).sum())}/{len(miss)}"
             out.append(f"| [{r['name']}]({r['name']}/report.html) | {r['model']} | {wb} | {len(t)} | "
-                       f"{(w >= 0).sum()}/{len(w)} | {(d > 0).sum()}/{len(d)} | {_fmt(float(w.min()) if len(w) else None)} / {_fmt(float(w.mean()) if len(w) else None)} | "
+                       f"{(w >= 0).sum()}/{len(w)} | {beyond} | {(d > 0).sum()}/{len(d)} | {_fmt(float(w.min()) if len(w) else None)} / {_fmt(float(w.mean()) if len(w) else None)} | "
                        f"{_fmt(float(d.min()) if len(d) else None)} / {_fmt(float(d.mean()) if len(d) else None)} | [{plot}]({r['name']}/{plot}) |")
     return out
 

@@ -179,6 +179,7 @@ def test_benchmark_through_the_pipeline(tmp_path, fresh_cache):
     # the mixed-precision study of the kept first-seed model: one front plan and one random plan at 3.0 bits
     mp = [x for x in r['results'] if x['method'] in ('ptmq_mp', 'random_mp')]
     assert [x['method'] for x in mp] == ['ptmq_mp', 'random_mp'] and all(x['avg_a_bits'] <= 3.0 + 1e-9 and x['a_bits'] is None for x in mp)
+    assert set(mp[0]['line_se']) == {'avg_a_bits', 'bops'} and 'line_se' not in mp[1]      # the front's paired error bars
     assert len(r['mixed_precision']['by_w_bits']['3']['uniform']) == 3 and (out / 'mixed_precision_w3.png').is_file()
     assert 'Mixed precision from one calibration' in (tmp_path / 'reports' / 'README.md').read_text()
     assert set(rows) == {(m, a) for m in ('rtn', 'qdrop', 'ptmq', 'ptmq_no_mfm') for a in (2, 3, 4)}

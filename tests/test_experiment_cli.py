@@ -229,6 +229,8 @@ def test_a_run_from_a_kept_model_with_mixed_precision(pipeline):
     assert [x['method'] for x in r['results'] if x['method'].endswith('_mp')] == ['ptmq_mp', 'random_mp', 'random_mp'] * 2
     for x in r['results']:
         if x['method'] in ('ptmq', 'ptmq_mp', 'random_mp'): assert {'avg_a_bits', 'bops', 'plan'} <= set(x)
+        if x['method'] == 'ptmq_mp': assert set(x['line_se']) == {'avg_a_bits', 'bops'}   # paired error bars against the uniform line
+    assert '| misses beyond 2 s.e. |' in (reports / 'README.md').read_text()
     assert (mp / 'mixed_precision.png').is_file() and (mp / 'sensitivity.png').is_file() and not (mp / 'loss_curves.png').exists()
     kept = ptmq.load(mp / 'model.safetensors')
     assert set(kept.plans) == {'avg_bits_2.5', 'avg_bits_3.5'} and kept.sensitivity.kl.shape == (len(kept.plans['avg_bits_2.5']), 3)

@@ -8,7 +8,7 @@ from ptmq.models import CifarResNet
 from ptmq.recon import PTMQConfig, round_to_nearest
 from ptmq.blocks import set_bits, plan_slots, act_quantizers
 from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_front, random_plan, budget_grid, mixed_precision,
-                        Sensitivity)
+                        Sensitivity, line_se, front_table, set_plan)
 import ptmq
 
 CFG = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, head_q='pooled')   # every block output switchable: 7 slots
@@ -183,6 +183,42 @@ def test_mixed_precision_study_rows(r8):
     bops = mixed_precision(r8, x, agree, [0.8], kind='bops', n_random=1)
     full = bops['costs'].bops(BitPlan.uniform(r8, 8))
     assert all(r['bops'] <= 0.8 * full * (1 + 1e-9) for r in bops['rows'] if r['method'] != 'ptmq')
+
+def test_line_se_by_hand():
+    lo, hi, plan = (np.array(v, dtype=bool) for v in ([1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]))
+    # halfway: the line per image is 1, .5, .5, 1; the differences 0, .5, .5, -1 (mean 0, sample variance 0.5)
+    assert line_se(5.0, [(6.0, hi), (4.0, lo)], plan) == pytest.approx(100 * np.sqrt(0.5) / 2)
+    assert line_se(3.0, [(4.0, lo), (6.0, hi)], plan) == pytest.approx(100 * np.std(plan.astype(float) - lo, ddof=1) / 2)   # clamped, as np.interp
+    assert line_se(5.0, [(4.0, lo), (6.0, lo)], lo) == 0.0                 # a plan that gets the line's images right
+    with pytest.raises(ValueError, match='at least two'): line_se(5.0, [(4.0, lo)], plan)
+    with pytest.raises(ValueError, match='different lengths'): line_se(5.0, [(4.0, lo), (6.0, hi[:3])], plan)
+
+def test_mixed_precision_paired_standard_errors(r8):
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad(): ref = set_bits(r8, 8)(x).argmax(1)
+    def hits(m):
+        with torch.no_grad(): return (m(x).argmax(1) == ref).numpy()
+    before = current_plan(r8)
+    out = mixed_precision(r8, x[:16], hits, [4.5, 5.0, 7.0], n_random=1)
+    rows = out['rows']
+    top1 = mixed_precision(r8, x[:16], lambda m: float(hits(m).mean() * 100), [4.5, 5.0, 7.0], n_random=1)['rows']
+    assert [r['top1'] for r in rows] == pytest.approx([r['top1'] for r in top1])         # the same top-1 either way
+    assert all('line_se' not in r for r in top1)                            # no per-image correctness, no error bars
+    uni = {b: hits(set_bits(r8, b)) for b in (4, 6, 8)}
+    costs = out['costs']
+    for r in (r for r in rows if r['method'] == 'ptmq_mp'):
+        assert set(r['line_se']) == {'avg_a_bits', 'bops'} and all(v >= 0 for v in r['line_se'].values())
+        h = hits(set_plan(r8, r['plan']))
+        pts = {k: [(f(BitPlan.uniform(r8, b)), uni[b]) for b in (4, 6, 8)] for k, f in (('avg_a_bits', costs.avg_bits), ('bops', costs.bops))}
+        assert r['line_se'] == {k: pytest.approx(line_se(r[k], p, h), abs=1e-4) for k, p in pts.items()}
+    for r in (r for r in rows if r['method'] != 'ptmq_mp'): assert 'line_se' not in r
+    t = front_table(rows)                                                   # the table's line is the mean of the paired differences
+    assert list(t['paired s.e.']) == [r['line_se']['avg_a_bits'] for r in rows if r['method'] == 'ptmq_mp']
+    assert front_table(top1)['paired s.e.'].isna().all()
+    given = mixed_precision(r8, x[:16], hits, [4.5, 5.0, 7.0], n_random=1, uniform=False, uniform_correct=uni)['rows']
+    assert [r.get('line_se') for r in given] == [r.get('line_se') for r in rows if r['method'] != 'ptmq']
+    with pytest.raises(ValueError, match=r'every uniform plan \['): mixed_precision(r8, x[:16], hits, [5.0], uniform=False, uniform_correct={4: uni[4], 8: uni[8]})
+    set_plan(r8, before)
 
 def test_saved_model_carries_plans_and_sensitivity(r8, tmp_path):
     r8.plans = {'edge': BitPlan((4, 4, 6, 8, 4, 4, 4)), 'server': BitPlan((8, 8, 6, 6, 8, 8, 8))}

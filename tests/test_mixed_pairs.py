@@ -185,7 +185,7 @@ def test_ptmq_run_mixed_precision_over_pairs_then_from_the_kept_model(tmp_path, 
     out = run(REPO / 'params' / 'default.yaml', study, tmp_path / 'reports', threads=1)
     rec = json.loads((out / 'results.json').read_text())
     mp = [r for r in rec['results'] if r['method'] == 'ptmq_mp']
-    assert [r['budget'] for r in mp] == [0.5, 0.75] and all(r['a_bits'] is None and 'avg_w_bits' in r for r in mp)
+    assert [r['budget'] for r in mp] == [0.5, 0.75] and all(r['a_bits'] is None and 'avg_w_bits' in r and set(r['line_se']) == {'avg_a_bits', 'bops'} for r in mp)
     uni = [r for r in rec['results'] if r['method'] == 'ptmq_wset']
     assert [(r['w_bits'], r['a_bits']) for r in uni] == [(2, 2), (3, 3), (4, 4)] and all(r['plan'][0] == f"W{r['w_bits']}A{r['a_bits']}" for r in uni)
     assert rec['mixed_precision']['sensitivity']['bits'] == ['W2A2', 'W3A3', 'W4A4']

@@ -3,7 +3,7 @@ import torch
 from conftest import need_shared
 from ptmq.models import create_model, read_state_dict, WeightsError, cifar_resnet, model_spec
 from ptmq.data import (model_transform, image_folder, preload, evaluate, calibration_images, make_toy_folder, seeded_subset,
-                       match_labels)
+                       match_labels, correct_per_image, top1_of)
 
 def test_resnet20_checkpoint_reproduces_fp32_top1_exactly():
     w = need_shared('weights', 'cifar10', 'resnet20-12fca82f.th')
@@ -12,6 +12,17 @@ def test_resnet20_checkpoint_reproduces_fp32_top1_exactly():
     ds = image_folder(test, model_transform('cifar_resnet20'))
     assert len(ds) == 10000 and ds.classes[0] == 'airplane'
     assert evaluate(model, ds, batch_size=500) == pytest.approx(81.03, abs=1e-9)   # 8103 / 10000, as measured by the data's provider
+
+def test_per_image_correctness_is_in_data_order_and_gives_top1():
+    torch.manual_seed(0)
+    x, y = torch.randn(37, 5), torch.randint(0, 3, (37,))
+    model = torch.nn.Linear(5, 3)
+    data = torch.utils.data.TensorDataset(x, y)
+    hit = correct_per_image(model, data, batch_size=8)                 # batches of 8: the last one short
+    with torch.no_grad(): want = (model(x).argmax(1) == y).numpy()
+    assert hit.dtype == bool and hit.shape == (37,) and (hit == want).all()
+    assert evaluate(model, data, batch_size=8) == top1_of(hit) == 100.0 * want.sum() / 37
+    with pytest.raises(ValueError, match='empty'): correct_per_image(model, torch.utils.data.TensorDataset(x[:0], y[:0]))
 
 def test_weights_errors(tmp_path):
     with pytest.raises(WeightsError, match='not found'): create_model('cifar_resnet20', weights=tmp_path / 'nope.th')
