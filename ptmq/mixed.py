@@ -19,7 +19,7 @@ from .blocks import QuantModel, QuantLayer, act_quantizers, weight_quantizers, p
 # %% auto #0
 __all__ = ['UNIFORM_METHODS', 'BitPlan', 'current_plan', 'PairPlan', 'parse_plan', 'PlanCosts', 'plan_costs', 'weight_feeds',
            'check_plan', 'set_plan', 'Sensitivity', 'sensitivity', 'Front', 'pareto_front', 'random_plan', 'line_se',
-           'budget_grid', 'mixed_precision', 'plot_sensitivity', 'plot_front', 'front_table']
+           'budget_grid', 'mixed_precision', 'plot_sensitivity', 'plot_front', 'front_table', 'front_summary']
 
 # %% ../nbs/18_mixed.ipynb #4f7f7f40
 @dataclass(frozen=True)
@@ -508,3 +508,22 @@ def front_table(rows: Sequence[dict], key: str = 'avg_a_bits'):
                     'random mean': float(np.mean(rnd)) if rnd else float('nan'), 'random std': float(np.std(rnd)) if rnd else float('nan'),
                     'front - random': r['top1'] - float(np.mean(rnd)) if rnd else float('nan')})
     return pd.DataFrame(out)
+
+# %% ../nbs/18_mixed.ipynb #f17dc5e8
+def front_summary(table) -> str:
+    "One sentence on a `front_table`: points on or above the line, the misses in points and paired standard errors, points above the random mean."
+    n, d = len(table), table['front - line']
+    miss = table[d < 0]
+    s = f"The front is on or above the uniform line at {n - len(miss)} of {n} budgets"
+    if len(miss):
+        pts = f"{-miss['front - line'].max():.2f}-{-miss['front - line'].min():.2f}" if len(miss) > 1 else f"{-miss['front - line'].iloc[0]:.2f}"
+        s += f"; {'the one' if len(miss) == 1 else f'the {len(miss)}'} below {'is' if len(miss) == 1 else 'are'} {pts} points below"
+        if miss['paired s.e.'].notna().all():
+            z = -miss['front - line'] / miss['paired s.e.']
+            beyond = int((z > 2).sum())
+            s += (f", {z.min():.1f}-{z.max():.1f}" if len(miss) > 1 else f", {z.iloc[0]:.1f}") + " paired standard errors (" + (
+                 "all within 2: the test set cannot tell them from the line)" if not beyond else f"{beyond} beyond 2)")
+    r = table['front - random'].dropna()
+    if len(r): s += f"; above the random plans' mean at {int((r > 0).sum())} of {len(r)}"
+    return s + '.'
+

@@ -7,7 +7,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ptmq.models import CifarResNet
 from ptmq.recon import PTMQConfig, round_to_nearest
 from ptmq.blocks import set_bits, plan_slots, act_quantizers
-from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_front, random_plan, budget_grid, mixed_precision,
+from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_front, random_plan, budget_grid, mixed_precision, front_summary,
                         Sensitivity, line_se, front_table, set_plan)
 import ptmq
 
@@ -215,6 +215,12 @@ def test_mixed_precision_paired_standard_errors(r8):
     t = front_table(rows)                                                   # the table's line is the mean of the paired differences
     assert list(t['paired s.e.']) == [r['line_se']['avg_a_bits'] for r in rows if r['method'] == 'ptmq_mp']
     assert front_table(top1)['paired s.e.'].isna().all()
+    import pandas as pd
+    t = pd.DataFrame({'front - line': [0.1, -0.05, -0.3], 'paired s.e.': [0.2, 0.1, 0.1], 'front - random': [0.2, 0.1, -0.1]})
+    assert front_summary(t) == ("The front is on or above the uniform line at 1 of 3 budgets; the 2 below are 0.05-0.30 points below, "
+                                "0.5-3.0 paired standard errors (1 beyond 2); above the random plans' mean at 2 of 3.")
+    assert front_summary(t.assign(**{'paired s.e.': float('nan')}).iloc[:2]) == \
+        "The front is on or above the uniform line at 1 of 2 budgets; the one below is 0.05 points below; above the random plans' mean at 2 of 2."
     given = mixed_precision(r8, x[:16], hits, [4.5, 5.0, 7.0], n_random=1, uniform=False, uniform_correct=uni)['rows']
     assert [r.get('line_se') for r in given] == [r.get('line_se') for r in rows if r['method'] != 'ptmq']
     with pytest.raises(ValueError, match=r'every uniform plan \['): mixed_precision(r8, x[:16], hits, [5.0], uniform=False, uniform_correct={4: uni[4], 8: uni[8]})
