@@ -29,6 +29,7 @@ class Method:
     kind: str
     overrides: dict = field(default_factory=dict)
     about: str = ''
+    iters_scale: float = 1.0                # a multi-bit method's iterations: `benchmark.multi_iters` times this (a method whose step costs less runs more)
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -57,6 +58,9 @@ METHODS: dict[str, Method] = {
     'ptmq_wset': Method('PTMQ, one calibration for the row', 'wset', {},
                         "one calibration for every (weight, activation) pair of a row setting: weights switch too (issue 16)"),
     'ptmq_amp': Method('PTMQ, bfloat16 autocast', 'multi', {'amp': True}, 'the same calibration with the passes of the loop under bfloat16 autocast'),
+    'ptmq_one_pass': Method('PTMQ, one pass per step', 'multi', {'step_passes': 'one'},
+                            'each step trains one of the low/mid/high passes (drawn), the teacher run without gradient; '
+                            '2.5 times the iterations, about the time of the three-pass default', iters_scale=2.5),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
@@ -95,6 +99,7 @@ class Run:
         m = METHODS[self.method]
         cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs, **m.overrides)
         if self.iters is not None: cfg = dataclasses.replace(cfg, iters=self.iters)
+        elif m.iters_scale != 1: cfg = dataclasses.replace(cfg, iters=round(cfg.iters * m.iters_scale))   # no multi_iters: the base's, scaled
         return dataclasses.replace(cfg, iters=0) if m.kind == 'rtn' else cfg
 
     def describe(self) -> str:
@@ -207,7 +212,7 @@ class BenchmarkSpec:
             for m in s.methods:
                 kind = METHODS[m].kind
                 seeds = self.seeds if m in self.seeded and kind != 'rtn' else self.seeds[:1]
-                iters = self.multi_iters if kind in ('multi', 'wset') else None
+                iters = round(self.multi_iters * METHODS[m].iters_scale) if kind in ('multi', 'wset') and self.multi_iters else None
                 if kind == 'wset': out += [Run(m, s.w_bits, s.groups, seed, None, iters, s.pairs) for seed in seeds]
                 elif s.pairs is not None and kind == 'single':      # a row: one calibration per pair
                     out += [Run(m, w, s.groups, seed, a, iters) for w, a in s.pairs.pairs for seed in seeds]

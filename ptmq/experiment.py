@@ -397,7 +397,7 @@ def plot_loss_curves(history: list[dict], path: str | os.PathLike | None = None)
     for ax, (col, title) in zip(axes, terms):
         if len(df): sns.lineplot(data=df, x='iter', y=col, hue='unit', palette='viridis', ax=ax, legend=ax is axes[-1], linewidth=0.9)
         ax.set_title(title); ax.set_xlabel('iteration'); ax.set_ylabel('')
-        if col != 'rounding' and len(df) and (df[col] > 0).all(): ax.set_yscale('log')
+        if col != 'rounding' and len(df) and (df[col].dropna() > 0).all(): ax.set_yscale('log')   # NaN: a one-pass step that did not train this term
     if len(df): axes[-1].legend(title='unit', fontsize=7, ncol=2, bbox_to_anchor=(1.02, 1), loc='upper left')
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=110, bbox_inches='tight')

@@ -521,8 +521,9 @@ def front_summary(table) -> str:
         if miss['paired s.e.'].notna().all():
             z = -miss['front - line'] / miss['paired s.e.']
             beyond = int((z > 2).sum())
+            within = "all within 2: the test set cannot tell them from the line" if len(miss) > 1 else "within 2: the test set cannot tell it from the line"
             s += (f", {z.min():.1f}-{z.max():.1f}" if len(miss) > 1 else f", {z.iloc[0]:.1f}") + " paired standard errors (" + (
-                 "all within 2: the test set cannot tell them from the line)" if not beyond else f"{beyond} beyond 2)")
+                 within if not beyond else f"{beyond} beyond 2") + ")"
     r = table['front - random'].dropna()
     if len(r): s += f"; above the random plans' mean at {int((r > 0).sum())} of {len(r)}"
     return s + '.'

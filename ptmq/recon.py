@@ -20,9 +20,11 @@ from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq', 'round_to_nearest']
+__all__ = ['log', 'STEP_PASSES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq', 'round_to_nearest']
 
 # %% ../nbs/07_reconstruction.ipynb #cdbb9d52
+STEP_PASSES = ('all', 'one')
+
 @dataclass
 class PTMQConfig:
     "All settings of a PTMQ calibration, validated on creation."
@@ -47,6 +49,7 @@ class PTMQConfig:
     gd_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     gd_fp: str = 'mix'
     detach_teacher: bool = True
+    step_passes: str = 'all'
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
     observer_p: float = 2.4
@@ -80,6 +83,7 @@ class PTMQConfig:
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1")
         if self.mfm not in MFM_MODES: raise ValueError(f"mfm must be one of {MFM_MODES}, got {self.mfm!r}")
         if self.gd_fp not in FP_TERMS: raise ValueError(f"gd_fp must be one of {FP_TERMS}, got {self.gd_fp!r}")
+        if self.step_passes not in STEP_PASSES: raise ValueError(f"step_passes must be one of {STEP_PASSES}, got {self.step_passes!r}")
         if self.head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {self.head_q!r}")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true or false, got {self.block_drop!r}")
@@ -233,6 +237,22 @@ def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
     loss, terms = gd_loss(f_l, f_m, f_h, y_fp, cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher, fp_term=cfg.gd_fp)
     return loss, terms, bits
 
+def _one_pass_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched=False):
+    "One step of `step_passes='one'`: ONE pass drawn with probabilities `mix_lambdas`, its float term and (below high) its distillation to the high pass."
+    bits = (cfg.pairs or cfg.groups).sample(gen)
+    p = int(torch.multinomial(torch.tensor(cfg.mix_lambdas), 1, generator=gen))
+    inputs = mfm(x_fp, [take(b) for b in bits], dgen)
+    nan = torch.full((), float('nan'), device=y_fp.device)
+    if p == 2:                                         # the high pass: the float term alone
+        fp = lp_distance(_set_pass(unit, bits[2])(inputs[2]), y_fp)
+        return cfg.gd_weights[0] * fp, {'fp': fp.detach(), 'h_m': nan, 'h_l': nan}, bits
+    with torch.no_grad() if cfg.detach_teacher else contextlib.nullcontext():
+        f_h = _set_pass(unit, bits[2])(inputs[2])     # the teacher: a forward pass without gradient when detached
+    f = _set_pass(unit, bits[p])(inputs[p])
+    fp, dist = lp_distance(f, y_fp), lp_distance(f, f_h)
+    terms = {'fp': fp.detach(), 'h_m': dist.detach() if p == 1 else nan, 'h_l': dist.detach() if p == 0 else nan}
+    return cfg.gd_weights[0] * fp + cfg.gd_weights[2 - p] * dist, terms, bits
+
 def _single_bit_loss(unit, x_fp, x_b, y_fp, cfg, mfm, gen):
     "One baseline step: QDrop's input (float elements with probability `drop_prob`), the unit at one bit-width, `D(f_b, f_fp)`."
     x_in = torch.where(mfm.fp_mask(x_fp, gen), x_fp, x_b) if cfg.drop_prob > 0 else x_b
@@ -277,7 +297,8 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
                     loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
                     terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
                 else:
-                    loss, terms, bits = _ptmq_loss(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
+                    step = _one_pass_loss if cfg.step_passes == 'one' else _ptmq_loss
+                    loss, terms, bits = step(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
             beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
             rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
             for o in opts: o.zero_grad(set_to_none=True)

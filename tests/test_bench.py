@@ -94,6 +94,13 @@ def test_multi_iters_gives_the_multi_bit_methods_their_own_iterations():
     assert [r.describe() for r in spec.runs()][-1].endswith('seed 0 (100 it)') and spec.to_dict()['multi_iters'] == 100
     same = BenchmarkSpec.from_dict({'settings': [{'methods': ['ptmq']}], 'seeds': [0]}, base)
     assert same.runs()[0].config(base).iters == 200 and 'iters' not in same.runs()[0].to_dict()   # absent: the base count, old keys
+    one = BenchmarkSpec.from_dict({'settings': [{'methods': ['ptmq', 'ptmq_one_pass']}], 'seeds': [0], 'multi_iters': 100}, base)
+    assert [(r.config(base).iters, r.config(base).step_passes) for r in one.runs()] == [(100, 'all'), (250, 'one')]   # one pass a step: 2.5x the steps
+    alone = BenchmarkSpec.from_dict({'settings': [{'methods': ['ptmq_one_pass']}], 'seeds': [0]}, base)
+    assert alone.runs()[0].config(base).iters == 500                                               # no multi_iters: the base count, scaled
+    committed = load_params(REPO / 'params/bench/cifar10_resnet20_one_pass.yaml', check_paths=False)
+    assert {(r.method, r.config(committed.ptmq).iters) for r in committed.benchmark.runs()} == \
+        {('rtn', 0), ('qdrop', 200), ('ptmq', 100), ('ptmq_one_pass', 250)}
     recs = [rec('ptmq', 4, 0, {4: 70, 6: 80, 8: 81}, 30, iters=100)] + [rec('qdrop', 4, 0, {b: 70}, 20, b, iters=200) for b in (4, 6, 8)]
     assert cost_ratios(recs)[4]['iters'] == {'ptmq': [100], 'qdrop': [200]}
     assert 'one PTMQ calibration (100 iterations per unit) took 30s, the 3 QDrop calibrations (200 iterations per unit) it replaces 60s' \

@@ -221,6 +221,8 @@ def test_mixed_precision_paired_standard_errors(r8):
                                 "0.5-3.0 paired standard errors (1 beyond 2); above the random plans' mean at 2 of 3.")
     assert front_summary(t.assign(**{'paired s.e.': float('nan')}).iloc[:2]) == \
         "The front is on or above the uniform line at 1 of 2 budgets; the one below is 0.05 points below; above the random plans' mean at 2 of 2."
+    assert front_summary(t.iloc[:2]) == ("The front is on or above the uniform line at 1 of 2 budgets; the one below is 0.05 points below, "
+                                         "0.5 paired standard errors (within 2: the test set cannot tell it from the line); above the random plans' mean at 2 of 2.")
     given = mixed_precision(r8, x[:16], hits, [4.5, 5.0, 7.0], n_random=1, uniform=False, uniform_correct=uni)['rows']
     assert [r.get('line_se') for r in given] == [r.get('line_se') for r in rows if r['method'] != 'ptmq']
     with pytest.raises(ValueError, match=r'every uniform plan \['): mixed_precision(r8, x[:16], hits, [5.0], uniform=False, uniform_correct={4: uni[4], 8: uni[8]})
