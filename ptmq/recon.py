@@ -283,6 +283,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext   # chosen once, not per step
+    step = _one_pass_loss if cfg.step_passes == 'one' else _ptmq_loss
     try:
         for it in range(cfg.iters):
             if host:
@@ -297,7 +298,6 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
                     loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
                     terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
                 else:
-                    step = _one_pass_loss if cfg.step_passes == 'one' else _ptmq_loss
                     loss, terms, bits = step(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
             beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
             rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
