@@ -61,6 +61,12 @@ METHODS: dict[str, Method] = {
     'ptmq_one_pass': Method('PTMQ, one pass per step', 'multi', {'step_passes': 'one'},
                             'each step trains one of the low/mid/high passes (drawn), the teacher run without gradient; '
                             '2.5 times the iterations, about the time of the three-pass default', iters_scale=2.5),
+    'ptmq_one_pass_lr2': Method('PTMQ, one pass per step, rounding lr 2e-3', 'multi', {'step_passes': 'one', 'lr_alpha': 2e-3},
+                                "one pass per step as ptmq_one_pass, the rounding's Adam learning rate doubled (QDrop's official 1e-3): "
+                                'at a few hundred steps the rounding moves at most about lr x steps from nearest', iters_scale=2.5),
+    'ptmq_one_pass_low_lr2': Method('PTMQ, one pass per step, low pass drawn half the time, rounding lr 2e-3', 'multi',
+                                    {'step_passes': 'one', 'lr_alpha': 2e-3, 'mix_lambdas': (0.5, 0.25, 0.25)},
+                                    'as ptmq_one_pass_lr2 with the passes drawn with probabilities 0.5 / 0.25 / 0.25 (low / mid / high)', iters_scale=2.5),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
@@ -372,6 +378,12 @@ def time_table(records: Sequence[dict[str, Any]]):
     t = df.groupby(['w_bits', 'method', 'serves'], sort=False).seconds.agg(['mean', 'count']).reset_index()
     return t.rename(columns={'mean': 'seconds per calibration', 'count': 'runs'}).round(1)
 
+def _palette() -> dict:
+    "One fixed colour per method, however many methods there are."
+    import seaborn as sns
+    colors = sns.color_palette('tab10') + sns.color_palette('Set2') + sns.color_palette('Dark2')
+    return {m: colors[i % len(colors)] for i, m in enumerate(METHODS)}
+
 def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | None = None):
     "Top-1 against activation bit-width per method (error bars: std over seeds), one panel for the baselines and one for the ablations per weight bit-width."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -382,7 +394,7 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path
         panels.append((f"W{w}: PTMQ and per-bit baselines", base))
         if len({r['method'] for r in abl}) > 1: panels.append((f"W{w}: PTMQ ablations", abl))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.9), squeeze=False)
-    pal = dict(zip(METHODS, (sns.color_palette('tab10') + sns.color_palette('Set2'))[:len(METHODS)]))
+    pal = _palette()
     for ax, (title, rs) in zip(axes[0], panels):
         for m in dict.fromkeys(r['method'] for r in rs):
             pts = sorted((r['a_bits'], r['top1'], r['top1_std'] or 0.0) for r in rs if r['method'] == m)
@@ -401,7 +413,7 @@ def plot_row(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | Non
     import matplotlib.pyplot as plt, seaborn as sns
     pairs = sorted({(r['w_bits'], r['a_bits']) for r in rows if r['method'] == 'ptmq_wset'})
     x = {p: i for i, p in enumerate(pairs)}
-    pal = dict(zip(METHODS, (sns.color_palette('tab10') + sns.color_palette('Set2'))[:len(METHODS)]))
+    pal = _palette()
     fig, ax = plt.subplots(figsize=(6.4, 3.9))
     names = {'ptmq': 'PTMQ, one calibration per weight bit-width'}
     for k, m in enumerate(dict.fromkeys(r['method'] for r in rows)):

@@ -100,7 +100,7 @@ def test_multi_iters_gives_the_multi_bit_methods_their_own_iterations():
     assert [r.config(base).iters for r in alone.runs()] == [200, 500]                               # no multi_iters: the base count, scaled
     committed = load_params(REPO / 'params/bench/cifar10_resnet20_one_pass.yaml', check_paths=False)
     assert {(r.method, r.config(committed.ptmq).iters) for r in committed.benchmark.runs()} == \
-        {('rtn', 0), ('qdrop', 200), ('ptmq', 100), ('ptmq_one_pass', 250)}
+        {('rtn', 0), ('qdrop', 200), ('ptmq', 100), ('ptmq_one_pass', 250), ('ptmq_one_pass_lr2', 250), ('ptmq_one_pass_low_lr2', 250)}
     recs = [rec('ptmq', 4, 0, {4: 70, 6: 80, 8: 81}, 30, iters=100)] + [rec('qdrop', 4, 0, {b: 70}, 20, b, iters=200) for b in (4, 6, 8)]
     assert cost_ratios(recs)[4]['iters'] == {'ptmq': [100], 'qdrop': [200]}
     assert 'one PTMQ calibration (100 iterations per unit) took 30s, the 3 QDrop calibrations (200 iterations per unit) it replaces 60s' \
@@ -305,3 +305,23 @@ def test_row_benchmark_through_the_pipeline(tmp_path, fresh_cache):
     [mf] = r['deploy']['model_files']
     assert mf['pairs'] == ['W2A2', 'W3A3', 'W4A4'] and (out / 'model.safetensors').is_file() and (out / 'benchmark.png').is_file()
     assert 'Within 1.0 point of the separate calibrations at every pair' in (out / 'report.html').read_text()
+
+def test_one_pass_lr2_doubles_only_its_own_rounding_learning_rate():
+    base = PTMQConfig(iters=200)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass', 'ptmq_one_pass_lr2', 'ptmq_one_pass_low_lr2']}],
+                                    'seeds': [0], 'multi_iters': 100}, base)
+    got = {(r.method, r.single_bits): (r.config(base).lr_alpha, r.config(base).step_passes, r.config(base).iters) for r in spec.runs()}
+    assert got[('ptmq_one_pass_lr2', None)] == got[('ptmq_one_pass_low_lr2', None)] == (2e-3, 'one', 250)
+    assert [r.config(base).mix_lambdas for r in spec.runs() if r.method == 'ptmq_one_pass_low_lr2'] == [(0.5, 0.25, 0.25)]
+    assert all(v == (1e-3, 'all', 200) for k, v in got.items() if k[0] == 'qdrop')      # QDrop keeps the official 1e-3
+    assert got[('ptmq', None)] == (1e-3, 'all', 100) and got[('ptmq_one_pass', None)] == (1e-3, 'one', 250)
+
+def test_plot_benchmark_draws_every_method():
+    import matplotlib; matplotlib.use('Agg')
+    from ptmq.bench import plot_benchmark, _palette
+    rows = [{'method': m, 'w_bits': 4, 'a_bits': a, 'top1': 70.0 + i / 10 + a, 'top1_std': None}
+            for i, m in enumerate(METHODS) for a in (4, 6, 8)]
+    fig = plot_benchmark(rows, 81.0)
+    drawn = {label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]}
+    assert {METHODS[m].label for m in METHODS} <= drawn          # no method left without a colour (the 19th once was)
+    assert len(set(map(tuple, _palette().values()))) == len(METHODS) <= 26
