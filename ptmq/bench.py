@@ -386,7 +386,7 @@ def _palette() -> dict:
 
 def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | None = None):
     "Top-1 against activation bit-width per method (error bars: std over seeds), one panel for the baselines and one for the ablations per weight bit-width."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt
     panels = []
     for w in sorted({r['w_bits'] for r in rows}, reverse=True):
         base = [r for r in rows if r['w_bits'] == w and not r['method'].startswith('ptmq_')]
@@ -410,7 +410,7 @@ def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path
     return fig
 def plot_row(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | None = None):
     "A row benchmark: top-1 at each (w, a) pair per method (error bars: std over seeds), the pairs in the row's order."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt
     pairs = sorted({(r['w_bits'], r['a_bits']) for r in rows if r['method'] == 'ptmq_wset'})
     x = {p: i for i, p in enumerate(pairs)}
     pal = _palette()

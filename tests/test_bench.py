@@ -317,7 +317,6 @@ def test_one_pass_lr2_doubles_only_its_own_rounding_learning_rate():
     assert got[('ptmq', None)] == (1e-3, 'all', 100) and got[('ptmq_one_pass', None)] == (1e-3, 'one', 250)
 
 def test_plot_benchmark_draws_every_method():
-    import matplotlib; matplotlib.use('Agg')
     from ptmq.bench import plot_benchmark, _palette
     rows = [{'method': m, 'w_bits': 4, 'a_bits': a, 'top1': 70.0 + i / 10 + a, 'top1_std': None}
             for i, m in enumerate(METHODS) for a in (4, 6, 8)]
