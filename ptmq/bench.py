@@ -67,6 +67,10 @@ METHODS: dict[str, Method] = {
     'ptmq_one_pass_low_lr2': Method('PTMQ, one pass per step, low pass drawn half the time, rounding lr 2e-3', 'multi',
                                     {'step_passes': 'one', 'lr_alpha': 2e-3, 'mix_lambdas': (0.5, 0.25, 0.25)},
                                     'as ptmq_one_pass_lr2 with the passes drawn with probabilities 0.5 / 0.25 / 0.25 (low / mid / high)', iters_scale=2.5),
+    'ptmq_one_pass_ends': Method('PTMQ, one pass per step, low and high passes drawn 0.4 each, rounding lr 4e-3, activation lr 4e-4', 'multi',
+                                 {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.4, 0.2, 0.4)},
+                                 'one pass per step with the passes drawn 0.4 / 0.2 / 0.4 (the mid pass, between the two, least), '
+                                 'the rounding 4 times and the activation steps 10 times faster than the defaults', iters_scale=2.5),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
