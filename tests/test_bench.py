@@ -316,6 +316,16 @@ def test_one_pass_lr2_doubles_only_its_own_rounding_learning_rate():
     assert all(v == (1e-3, 'all', 200) for k, v in got.items() if k[0] == 'qdrop')      # QDrop keeps the official 1e-3
     assert got[('ptmq', None)] == (1e-3, 'all', 100) and got[('ptmq_one_pass', None)] == (1e-3, 'one', 250)
 
+def test_one_pass_ends_sets_its_draw_and_both_rates():
+    base = PTMQConfig(iters=200)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass_ends']}], 'seeds': [0], 'multi_iters': 100}, base)
+    ends = [r.config(base) for r in spec.runs() if r.method == 'ptmq_one_pass_ends']
+    assert len(ends) == 1                                          # one calibration serves every bit-width
+    c = ends[0]
+    assert (c.step_passes, c.iters, c.lr_alpha, c.lr_act, c.mix_lambdas) == ('one', 250, 4e-3, 4e-4, (0.4, 0.2, 0.4))
+    q = [r.config(base) for r in spec.runs() if r.method == 'qdrop']
+    assert all((x.lr_alpha, x.lr_act, x.iters) == (1e-3, base.lr_act, 200) for x in q)   # the baseline keeps its own rates
+
 def test_plot_benchmark_draws_every_method():
     from ptmq.bench import plot_benchmark, _palette
     rows = [{'method': m, 'w_bits': 4, 'a_bits': a, 'top1': 70.0 + i / 10 + a, 'top1_std': None}
