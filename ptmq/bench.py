@@ -71,6 +71,10 @@ METHODS: dict[str, Method] = {
                                  {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.4, 0.2, 0.4)},
                                  'one pass per step with the passes drawn 0.4 / 0.2 / 0.4 (the mid pass, between the two, least), '
                                  'the rounding 4 times and the activation steps 10 times faster than the defaults', iters_scale=2.5),
+    'ptmq_one_pass_low_bias': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width', 'multi',
+                                     {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'},
+                                     'one pass per step drawn 0.5 / 0.25 / 0.25 (low / mid / high), rounding lr 4e-3, activation lr 4e-4, and a '
+                                     'per-channel shift per bit-width below the highest in every layer with switchable weights (Adam 4e-4)', iters_scale=2.5),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
@@ -107,7 +111,8 @@ class Run:
     def config(self, base: PTMQConfig) -> PTMQConfig:
         "The PTMQ config of this run: `base` with the method's switches, the setting's bits (or pairs) and the seed."
         m = METHODS[self.method]
-        cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs, **m.overrides)
+        cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs,
+                                  **({'bit_bias': 'none'} if m.kind == 'single' else {}), **m.overrides)   # one bit-width: nothing to shift
         if self.iters is not None: cfg = dataclasses.replace(cfg, iters=self.iters)
         elif m.iters_scale != 1: cfg = dataclasses.replace(cfg, iters=round(cfg.iters * m.iters_scale))   # no multi_iters: the base's, scaled
         return dataclasses.replace(cfg, iters=0) if m.kind == 'rtn' else cfg

@@ -13,33 +13,94 @@ from .quant import ActQuantizer, WeightQuantizer, weight_set
 from .fold import fold_bn
 
 # %% auto #0
-__all__ = ['HEAD_QUANT', 'QuantLayer', 'QuantResidualBlock', 'QuantHead', 'QuantModel', 'QuantSpec', 'hold_last_activation',
-           'act_quantizers', 'weight_quantizers', 'PlanSlot', 'plan_slots', 'plan_bits', 'set_bits', 'set_weight_mode',
-           'quant_state', 'freeze_bits']
+__all__ = ['BIT_BIAS', 'HEAD_QUANT', 'QuantLayer', 'BitBias', 'link_bit_biases', 'QuantResidualBlock', 'QuantHead', 'QuantModel',
+           'QuantSpec', 'hold_last_activation', 'act_quantizers', 'weight_quantizers', 'PlanSlot', 'plan_slots',
+           'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
     "A frozen conv/linear with quantized weights, an optional activation, and optional input/output activation quantizers."
     def __init__(self, layer: nn.Conv2d | nn.Linear, w_bits: int | Sequence[int], act: nn.Module | None = None,
                  out_q: ActQuantizer | None = None, in_q: ActQuantizer | None = None, observer: str = 'mse', p: float = 2.0,
-                 w_switchable: bool = True, w_rounding: str = 'per_bit'):
+                 w_switchable: bool = True, w_rounding: str = 'per_bit', bit_bias: BitBias | None = None):
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)): raise TypeError(f"cannot quantize {type(layer).__name__}")
         self.layer = layer.requires_grad_(False)
         self.wq = WeightQuantizer(layer.weight, w_bits, observer, p, w_switchable, w_rounding)
         self.act = act if act is not None else nn.Identity()
         self.in_q, self.out_q = in_q, out_q
+        self.bit_bias = bit_bias
 
-    def pre(self, x: Tensor) -> Tensor:
-        "Everything before the output quantizer: input quantizer, layer with quantized weights, activation."
+    def affine(self, x: Tensor) -> Tensor:
+        "The input quantizer, then the layer with quantized weights."
         if self.in_q is not None: x = self.in_q(x)
         w = self.wq(self.layer.weight)
-        x = self.layer._conv_forward(x, w, self.layer.bias) if isinstance(self.layer, nn.Conv2d) else F.linear(x, w, self.layer.bias)
-        return self.act(x)
+        return self.layer._conv_forward(x, w, self.layer.bias) if isinstance(self.layer, nn.Conv2d) else F.linear(x, w, self.layer.bias)
+
+    def activate(self, x: Tensor) -> Tensor:
+        "The shift of the current activation bit-width (with a `BitBias`), then the activation."
+        return self.act(self.bit_bias(x) if self.bit_bias is not None else x)
+
+    def pre(self, x: Tensor) -> Tensor:
+        "Everything before the output quantizer: input quantizer, layer with quantized weights, shift, activation."
+        return self.activate(self.affine(x))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pre(x)
         return self.out_q(x) if self.out_q is not None else x
+
+# %% ../nbs/04_blocks.ipynb #b2b5d643
+BIT_BIAS = ('none', 'lower', 'all')
+
+class BitBias(nn.Module):
+    "A per-channel shift of a layer's output, one row per activation bit-width, chosen by its source quantizer; `src=None`: one fixed row."
+    def __init__(self, bits: Sequence[int], channels: int, dim: int = 1, rows: str = 'lower'):
+        super().__init__()
+        if rows not in BIT_BIAS[1:]: raise ValueError(f"rows must be 'lower' or 'all', got {rows!r}")
+        self.bits, self.rows, self.dim = tuple(int(b) for b in bits), rows, dim
+        self.delta = nn.Parameter(torch.zeros(len(self.bits), channels))
+        mask = torch.ones(len(self.bits), 1)
+        if rows == 'lower': mask[self.bits.index(max(self.bits))] = 0.0     # the highest bit-width: no shift, ever (no gradient either)
+        self.register_buffer('mask', mask)
+        self._idx_tensors: dict = {}
+        object.__setattr__(self, 'src', None)        # a reference, not a submodule: the quantizer lives in its own place
+
+    def link(self, q: ActQuantizer) -> 'BitBias':
+        "Take the row from `q`'s current bit-width from now on."
+        if tuple(q.bits) != self.bits: raise ValueError(f"a shift for bit-widths {self.bits} cannot follow a quantizer of {q.bits}")
+        object.__setattr__(self, 'src', q)
+        return self
+
+    def frozen(self, bits: int) -> 'BitBias':
+        "A copy holding only the row of `bits`, with no source: always that shift (a single-bit or exported copy)."
+        out = BitBias((bits,), self.delta.shape[1], self.dim, 'all')
+        i = self.bits.index(bits)
+        out.delta.data[0] = (self.delta[i] * self.mask[i]).detach()
+        return out.requires_grad_(self.delta.requires_grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.src is not None and not self.src.enabled: return x      # the float model has no shift
+        i = 0 if self.src is None else self.src.idx
+        d, shape = self.delta * self.mask, [1] * x.dim()
+        shape[self.dim % x.dim()] = -1
+        if isinstance(i, int): return x + d[i].view(shape)
+        key = (i, x.device)                           # a batched pass: the batch holds len(i) groups, one per bit-width
+        if key not in self._idx_tensors: self._idx_tensors[key] = torch.tensor(i, device=x.device)
+        return (x.reshape(len(i), -1, *x.shape[1:]) + d[self._idx_tensors[key]].view(len(i), *shape)).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        follows = 'fixed' if self.src is None else f'current={self.src.current_bits}'
+        return f"bits={self.bits}, rows={self.rows}, channels={self.delta.shape[1]}, {follows}"
+
+def link_bit_biases(units: Sequence[nn.Module]) -> None:
+    "Link every `BitBias` of each unit to the unit's first switchable activation quantizer; a unit with none loses its shifts."
+    for u in units:
+        layers = [m for m in u.modules() if isinstance(m, QuantLayer) and m.bit_bias is not None]
+        if not layers: continue
+        src = next((q for q in u.modules() if isinstance(q, ActQuantizer) and q.switchable), None)
+        for l in layers:
+            if src is None: l.bit_bias = None
+            else: l.bit_bias.link(src)
 
 # %% ../nbs/04_blocks.ipynb #a1a62c26
 class QuantResidualBlock(nn.Module):
@@ -62,12 +123,14 @@ class QuantResidualBlock(nn.Module):
         if (first.in_q is not None and first.in_q.switchable) or (self.shortcut is not None and any(
                 isinstance(q, ActQuantizer) and q.switchable for q in self.shortcut.modules())):
             return [set_bits(self, b)(x) for b in bits]
-        h = first.pre(x)                                   # the first layer, up to its output quantizer
+        h = first.affine(x)                                # the first layer's convolution: the same at every bit-width
+        a = first.activate(h) if first.bit_bias is None else None    # and its activation, unless a shift per bit-width comes first
         s = (x if self.shortcut is None else self.shortcut(x)) if self.residual else None
         outs = []
         for b in bits:
             set_bits(self, b)
-            y = self.body[1:](first.out_q(h) if first.out_q is not None else h)
+            a_b = first.activate(h) if a is None else a
+            y = self.body[1:](first.out_q(a_b) if first.out_q is not None else a_b)
             if s is not None: y = y + s
             outs.append(self.out_q(self.post_act(y)))
         return outs
@@ -99,35 +162,46 @@ HEAD_QUANT = ('last', 'pooled')
 class QuantSpec:
     """Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer.
     `head_q='last'` (QDrop's setting) holds the last activation quantizer before the classifier at `head_a_bits`;
-    `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`."""
+    `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`.
+    `bit_bias` (`'lower'`, `'all'`): a `BitBias` on every layer with switchable weights (not the first and last layers)."""
     def __init__(self, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
-                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'per_bit'):
+                 observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'per_bit',
+                 bit_bias: str = 'none'):
         if head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {head_q!r}")
+        if bit_bias not in BIT_BIAS: raise ValueError(f"bit_bias must be one of {BIT_BIAS}, got {bit_bias!r}")
         self.w_set, self.a_bits, self.first_last_w_bits, self.head_a_bits = weight_set(w_bits), tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
         self.observer, self.p, self.quant_attn_matmul, self.head_q, self.w_rounding = observer, p, quant_attn_matmul, head_q, w_rounding
+        self.bit_bias = bit_bias
     @property
     def w_bits(self) -> int | tuple[int, ...]:
         "The model's weight bit-width, or its set of weight bit-widths (a tuple) when it switches weights."
         return self.w_set[0] if len(self.w_set) == 1 else self.w_set
     def aq(self) -> ActQuantizer: return ActQuantizer(self.a_bits)
+    def shift(self, layer: nn.Conv2d | nn.Linear) -> BitBias | None:
+        "The `BitBias` of a layer with switchable weights, or None (none asked for, or one bit-width with `'lower'`: nothing to shift)."
+        if self.bit_bias == 'none' or (self.bit_bias == 'lower' and len(self.a_bits) < 2): return None
+        return BitBias(self.a_bits, layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features,
+                       1 if isinstance(layer, nn.Conv2d) else -1, self.bit_bias)
     def layer(self, conv, bn=None, act=None, out_q: bool = False, w_bits: int | None = None) -> QuantLayer:
         "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`; `w_bits` given: a fixed weight bit-width (first/last layers)."
         conv = fold_bn(conv, bn) if isinstance(conv, nn.Conv2d) else conv
         return QuantLayer(conv, w_bits or self.w_set, act, self.aq() if out_q else None, observer=self.observer, p=self.p,
-                          w_switchable=w_bits is None, w_rounding=self.w_rounding)
+                          w_switchable=w_bits is None, w_rounding=self.w_rounding, bit_bias=self.shift(conv) if w_bits is None else None)
     def linear(self, fc: nn.Linear, act=None) -> QuantLayer:
         "A QuantLayer of a linear layer whose input is quantized at the model's activation bit-widths (transformer layers)."
-        return QuantLayer(fc, self.w_set, act, in_q=self.aq(), observer=self.observer, p=self.p, w_rounding=self.w_rounding)
+        return QuantLayer(fc, self.w_set, act, in_q=self.aq(), observer=self.observer, p=self.p, w_rounding=self.w_rounding, bit_bias=self.shift(fc))
     def to_dict(self) -> dict:
         "What a saved model needs to rebuild its quantizers (the observer and the weight rounding rule only set initial values, so they are not needed)."
         return {'w_bits': list(self.w_set) if len(self.w_set) > 1 else self.w_set[0], 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
-                'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q}
+                'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q,
+                **({'bit_bias': self.bit_bias} if self.bit_bias != 'none' else {})}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
                                     observer=self.observer, p=self.p, w_switchable=False), pool)
     def finish(self, units: list[nn.Module]) -> list[nn.Module]:
-        "The units as this spec quantizes them: with `head_q='last'`, `hold_last_activation` on them."
+        "The units as this spec quantizes them: with `head_q='last'`, `hold_last_activation` on them; shifts linked to their units."
         if self.head_q == 'last': hold_last_activation(units, self.head_a_bits)
+        link_bit_biases(units)
         return units
 
 def hold_last_activation(units: Sequence[nn.Module], bits: int = 8) -> ActQuantizer | None:
@@ -219,11 +293,12 @@ def quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> It
 
 # %% ../nbs/04_blocks.ipynb #f15250a1
 def freeze_bits(model: QuantModel, a_bits: int) -> QuantModel:
-    "A copy of `model` whose switchable activation quantizers hold only the step and zero point of `a_bits`."
+    "A copy of `model` whose switchable activation quantizers hold only the step and zero point of `a_bits` (and shifts, their row of `a_bits`)."
     import copy
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         for child_name, q in list(m.named_children()):
+            if isinstance(q, BitBias): setattr(m, child_name, q.frozen(a_bits))
             if isinstance(q, ActQuantizer) and q.switchable:
                 i = q.index(a_bits)
                 single = ActQuantizer((a_bits,))

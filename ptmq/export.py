@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer
-from .blocks import QuantModel, QuantLayer, set_bits
+from .blocks import QuantModel, QuantLayer, BitBias, set_bits
 from .mixed import PairPlan, check_plan, parse_plan, set_plan
 from .serialize import load, read_metadata
 
@@ -102,6 +102,8 @@ def export_module(model: QuantModel, bits, w: int | None = None) -> nn.Module:
                 m.layer.register_parameter('weight', None)     # the float weight is not part of the deployed model
             else: m.wq = nn.Identity()
         for name, q in list(m.named_children()):
+            if isinstance(q, BitBias) and q.src is not None:    # the shift of the bit-width its source was set to: a constant Add
+                setattr(m, name, q.frozen(q.src.current_bits) if q.src.enabled else None)
             if isinstance(q, ActQuantizer):
                 i = q.idx                                    # what set_bits chose (a fixed quantizer keeps its one step)
                 setattr(m, name, QDQ(q.scale[i], q.zero_point[i], q.bits[i]) if q.enabled else nn.Identity())

@@ -12,7 +12,7 @@ import torch
 from torch import nn, Tensor
 from .data import progress_bar, fair_threads
 from .quant import ActQuantizer, WeightQuantizer, OBSERVERS, W_ROUNDING
-from .blocks import QuantModel, HEAD_QUANT, act_quantizers, weight_quantizers, set_bits, quant_state
+from .blocks import QuantModel, HEAD_QUANT, BIT_BIAS, BitBias, act_quantizers, weight_quantizers, set_bits, quant_state
 from .arch import quantize_model
 from .mfm import BitGroups, PairGroups, MultiBitFeatureMixer, MFM_MODES
 from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
@@ -50,6 +50,8 @@ class PTMQConfig:
     gd_fp: str = 'mix'
     detach_teacher: bool = True
     step_passes: str = 'all'
+    bit_bias: str = 'none'
+    lr_bias: float = 4e-4
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
     observer_p: float = 2.4
@@ -85,6 +87,10 @@ class PTMQConfig:
         if self.gd_fp not in FP_TERMS: raise ValueError(f"gd_fp must be one of {FP_TERMS}, got {self.gd_fp!r}")
         if self.step_passes not in STEP_PASSES: raise ValueError(f"step_passes must be one of {STEP_PASSES}, got {self.step_passes!r}")
         if self.head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {self.head_q!r}")
+        if self.bit_bias not in BIT_BIAS: raise ValueError(f"bit_bias must be one of {BIT_BIAS}, got {self.bit_bias!r}")
+        if self.bit_bias != 'none' and self.single_bits is not None:
+            raise ValueError("bit_bias gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch")
+        if not self.lr_bias > 0: raise ValueError(f"lr_bias must be > 0, got {self.lr_bias!r}")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true or false, got {self.block_drop!r}")
         if self.pairs is not None:
@@ -271,7 +277,9 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
     for q in wqs: q.set_mode('soft')
+    shifts = [b.delta.requires_grad_(True) for b in unit.modules() if isinstance(b, BitBias)]
     opts = [torch.optim.Adam(alphas, lr=cfg.lr_alpha)] if alphas else []
+    if shifts: opts.append(torch.optim.Adam(shifts, lr=cfg.lr_bias))    # the shifts per bit-width, with the roundings
     sched = None
     if scales:
         opt_a = torch.optim.Adam(scales, lr=cfg.lr_act); opts.append(opt_a)
@@ -312,7 +320,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
             bar.update(1)
     finally:                                          # the drop inside the unit never outlives its reconstruction
         for q in aqs: q.drop, q.drop_gen = 0.0, None
-    for p in alphas + scales: p.requires_grad_(False)
+    for p in alphas + scales + shifts: p.requires_grad_(False)
     return history
 
 def _sync(dev: torch.device) -> None:
@@ -324,6 +332,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     if missing: raise ValueError(f"model has no steps for bit-widths {sorted(missing)}; it was built for {qmodel.a_bits}")
     missing = set(cfg.w_set) - set(qmodel.w_set)
     if missing: raise ValueError(f"model has no steps for weight bit-widths {sorted(missing)}; it was built for {qmodel.w_set}")
+    built = getattr(qmodel.spec, 'bit_bias', 'none')
+    if built != cfg.bit_bias: raise ValueError(f"the config asks bit_bias={cfg.bit_bias!r}, the model was built with {built!r} (quantize_model(..., bit_bias=...))")
     dev = cfg.resolved_device()
     qmodel.to(dev).eval().requires_grad_(False)
     gen, dgen = _generators(cfg.seed, dev)
@@ -365,7 +375,7 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_set, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding)
+                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.bit_bias)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm

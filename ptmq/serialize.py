@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn, Tensor
 from .quant import ActQuantizer, WeightQuantizer
-from .blocks import QuantModel, QuantLayer, set_bits, act_quantizers, plan_slots
+from .blocks import QuantModel, QuantLayer, BitBias, set_bits, act_quantizers, plan_slots
 from .mixed import Sensitivity, check_plan
 from .arch import Architectures, ARCHITECTURES, rebuild, check_rebuild
 
@@ -49,7 +49,7 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8))
 
 # %% ../nbs/15_save.ipynb #265e0cf6
-FORMAT, FORMAT_VERSION = 'ptmq', 2     # 2: weight quantizers hold steps and codes per weight bit-width (`scales`, `zero_points`)
+FORMAT, FORMAT_VERSION = 'ptmq', 3     # 2: weight quantizers hold steps and codes per weight bit-width (`scales`, `zero_points`); 3: shifts per bit-width (`BitBias`)
 
 class ModelFileError(ValueError):
     "A model file cannot be used: missing, truncated or corrupted, not a ptmq model, from a newer ptmq, or of an unknown architecture."
@@ -115,7 +115,8 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
     plans = {str(k): check_plan(model, v).to_list() for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
     sens = getattr(model, 'sensitivity', None)
-    meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
+    version = 3 if any(isinstance(m, BitBias) for m in model.modules()) else 2   # a file without shifts stays readable by format-2 readers
+    meta = {'format': FORMAT, 'format_version': version, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),
             'w_bits': model.w_bits if model.w_bits is not None else max(model.w_set), 'w_set': list(model.w_set), 'a_bits': list(model.a_bits), 'current_bits': current.pop() if len(current) == 1 else max(model.a_bits),
@@ -129,7 +130,7 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
     try:
-        save_file(tensors, str(tmp), metadata={'format': FORMAT, 'format_version': str(FORMAT_VERSION), 'ptmq': json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={'format': FORMAT, 'format_version': str(version), 'ptmq': json.dumps(meta)})
         mask = os.umask(0o022); os.umask(mask)          # read the umask: the file gets the usual permissions, not safetensors' 0600
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
