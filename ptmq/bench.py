@@ -442,9 +442,11 @@ def plot_row(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | Non
 # %% ../nbs/12_benchmark.ipynb #505a11c9
 def _pm(r): return f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if r['top1_std'] is not None else '')
 
-def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[str, float]], cpu: bool = True) -> str:
-    "A short written reading of the benchmark, computed from its rows: PTMQ vs QDrop per bit-width, A8 vs FP32, cost, ablations."
-    by = {(r['method'], r['w_bits'], r['a_bits']): r for r in rows}
+def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[str, float]], cpu: bool = True,
+            variant_ratios: dict[str, dict[int, dict[str, float]]] | None = None) -> str:
+    """A short written reading of the benchmark, computed from its rows: PTMQ vs QDrop per bit-width, A8 vs FP32, cost, ablations;
+    each PTMQ variant against QDrop too where QDrop ran at all its bit-widths (`variant_ratios`: `cost_ratios(records, multi=variant)`)."""
+    by, variant_ratios = {(r['method'], r['w_bits'], r['a_bits']): r for r in rows}, variant_ratios or {}
     out = []
     for w in sorted({r['w_bits'] for r in rows}, reverse=True):
         bits = sorted(a for (m, ww, a) in by if m == 'ptmq' and ww == w)
@@ -478,6 +480,12 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
                        'mixed or within the seed spread')
             lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) + f" against PTMQ ({verdict}; " +
                          (f"PTMQ's largest seed std here is {spread:.2f})." if stds else "one seed: no seed spread measured here)."))
+            vs = {a: (by[(m, w, a)], by[('qdrop', w, a)]) for a in bits if (m, w, a) in by and ('qdrop', w, a) in by}
+            if vs and len(vs) == len(ds):
+                c = variant_ratios.get(m, {}).get(w)
+                lines.append(f"  Against QDrop: " + ', '.join(f"A{a} {_pm(v)} vs {_pm(q)} ({v['top1'] - q['top1']:+.2f})" for a, (v, q) in vs.items()) +
+                             f"; at or above QDrop at every bit-width: **{'yes' if all(v['top1'] >= q['top1'] for v, q in vs.values()) else 'no'}**" +
+                             (f", at **{c['ratio']:.2f}** of QDrop's time ({c['ptmq_seconds']:.0f}s against {c['qdrop_seconds_sum']:.0f}s)." if c else '.'))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"
                   for a in bits for m in ('qdrop', 'brecq') if (m, w, a) in by and by[(m, w, a)]['top1'] > by[('ptmq', w, a)]['top1']]
         if losses: lines.append(f"- Where PTMQ loses at W{w}: " + ', '.join(losses) + '.')

@@ -144,6 +144,14 @@ def test_reading_states_targets_losses_and_ablations():
             "PTMQ's largest seed std here is 1.00)") in reading(summarize(more), 82.0, {})
     t = accuracy_table(rows, 82.0)
     assert list(t.columns) == ['W4A4', 'W4A6', 'W4A8', 'FP32'] and t.loc['PTMQ', 'W4A4'] == '71.00 ± 1.00' and t.loc['round-to-nearest', 'W4A8'] == '79.00'
+    var = RECORDS + [rec('ptmq_one_pass_low_bias', 4, 0, {4: 77, 6: 78, 8: 80.5}, 20)]    # a variant against QDrop too, with its own time ratio
+    vr = {'ptmq_one_pass_low_bias': cost_ratios(var, multi='ptmq_one_pass_low_bias')}
+    assert vr['ptmq_one_pass_low_bias'][4]['ratio'] == round(20 / 48, 3)
+    text = reading(summarize(var), 82.0, cost_ratios(var), variant_ratios=vr)
+    assert ('Against QDrop: A4 77.00 vs 76.00 ± 1.00 (+1.00), A6 78.00 vs 78.00 ± 1.00 (+0.00), A8 80.50 vs 80.00 ± 1.00 (+0.50); '
+            "at or above QDrop at every bit-width: **yes**, at **0.42** of QDrop's time (20s against 48s).") in text
+    low = [r if r['method'] != 'ptmq_one_pass_low_bias' else {**r, 'top1': {'4': 75.0, '6': 78, '8': 80.5}} for r in var]
+    assert 'at or above QDrop at every bit-width: **no**.' in reading(summarize(low), 82.0, {})
 
 def test_run_benchmark_times_evaluates_caches_and_resumes(tmp_path, monkeypatch):
     import ptmq.bench as bench
@@ -325,6 +333,16 @@ def test_one_pass_ends_sets_its_draw_and_both_rates():
     assert (c.step_passes, c.iters, c.lr_alpha, c.lr_act, c.mix_lambdas) == ('one', 250, 4e-3, 4e-4, (0.4, 0.2, 0.4))
     q = [r.config(base) for r in spec.runs() if r.method == 'qdrop']
     assert all((x.lr_alpha, x.lr_act, x.iters) == (1e-3, base.lr_act, 200) for x in q)   # the baseline keeps its own rates
+
+def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
+    base = PTMQConfig(iters=200, bit_bias='lower')                  # even a base asking for shifts: a single-bit run has none
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass_low_bias']}], 'seeds': [0], 'multi_iters': 100}, base)
+    by = {}
+    for r in spec.runs(): by.setdefault(r.method, []).append(r.config(base))
+    (c,) = by['ptmq_one_pass_low_bias']
+    assert (c.step_passes, c.iters, c.lr_alpha, c.lr_act, c.mix_lambdas, c.bit_bias, c.lr_bias) == ('one', 250, 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower', 4e-4)
+    assert len(by['qdrop']) == 3 and all(x.bit_bias == 'none' and x.single_bits is not None for x in by['qdrop'])
+    assert PTMQConfig(iters=200).bit_bias == 'none'                 # not the default (yet): the benchmark chapter says why
 
 def test_plot_benchmark_draws_every_method():
     from ptmq.bench import plot_benchmark, _palette
