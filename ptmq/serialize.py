@@ -115,7 +115,7 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
     plans = {str(k): check_plan(model, v).to_list() for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
     sens = getattr(model, 'sensitivity', None)
-    version = 3 if any(isinstance(m, BitBias) for m in model.modules()) else 2   # a file without shifts stays readable by format-2 readers
+    version = FORMAT_VERSION if any(isinstance(m, BitBias) for m in model.modules()) else 2   # a file without shifts stays readable by format-2 readers
     meta = {'format': FORMAT, 'format_version': version, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),

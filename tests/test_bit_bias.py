@@ -47,7 +47,7 @@ def test_where_the_shifts_are():
     assert all((l.bit_bias is not None) == l.wq.switchable for l in layers)
     assert not _shifts(r.units[0]) and r.units[-1].fc.bit_bias is None       # the stem and the classifier: 8-bit weights, no shift
     for u in r.units[1:-1]:
-        first = next(q for q in u.modules() if q in act_quantizers(u) and q.switchable)
+        first = next(q for q in act_quantizers(u) if q.switchable)
         assert all(b.src is first and b.dim == 1 for b in _shifts(u))
     v = quantize_model(_vit(), 4, BITS, bit_bias='all')
     assert {b.dim for b in _shifts(v)} == {-1} and v.units[1].fc1.bit_bias.delta.shape == (3, v.units[1].fc1.layer.out_features)
