@@ -75,6 +75,10 @@ METHODS: dict[str, Method] = {
                                      {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'},
                                      'one pass per step drawn 0.5 / 0.25 / 0.25 (low / mid / high), rounding lr 4e-3, activation lr 4e-4, and a '
                                      'per-channel shift per bit-width below the highest in every layer with switchable weights (Adam 4e-4)', iters_scale=2.5),
+    'ptmq_one_pass_low_bias_2x': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width, 2x iterations', 'multi',
+                                        {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'},
+                                        'as ptmq_one_pass_low_bias at 2 (not 2.5) times multi_iters: the iterations of ONE per-bit QDrop run '
+                                        'serve every bit-width', iters_scale=2.0),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

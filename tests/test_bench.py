@@ -1,6 +1,6 @@
 """The benchmark: its schema, the runs it plans, the exact aggregation (mean, spread, cost ratio), the cache and resume,
 the written reading, and one tiny run through the papermill pipeline."""
-import json, math, statistics
+import dataclasses, json, math, statistics
 from pathlib import Path
 import pytest, torch, yaml
 from conftest import REPO
@@ -343,6 +343,16 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
     assert (c.step_passes, c.iters, c.lr_alpha, c.lr_act, c.mix_lambdas, c.bit_bias, c.lr_bias) == ('one', 250, 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower', 4e-4)
     assert len(by['qdrop']) == 3 and all(x.bit_bias == 'none' and x.single_bits is not None for x in by['qdrop'])
     assert PTMQConfig(iters=200).bit_bias == 'none'                 # not the default (yet): the benchmark chapter says why
+
+def test_low_bias_2x_is_the_same_rule_at_one_qdrop_runs_iterations():
+    base = PTMQConfig(iters=200)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass_low_bias', 'ptmq_one_pass_low_bias_2x']}], 'seeds': [0], 'multi_iters': 100}, base)
+    by = {}
+    for r in spec.runs(): by.setdefault(r.method, []).append(r.config(base))
+    (short,), (full,) = by['ptmq_one_pass_low_bias_2x'], by['ptmq_one_pass_low_bias']
+    assert (short.iters, full.iters) == (200, 250)
+    assert all(x.iters == short.iters for x in by['qdrop'])          # the iterations of ONE per-bit QDrop run, for every bit-width
+    assert dataclasses.replace(short, iters=full.iters) == full      # nothing else differs
 
 def test_plot_benchmark_draws_every_method():
     from ptmq.bench import plot_benchmark, _palette
