@@ -17,9 +17,9 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one',
-           'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table',
-           'plot_benchmark', 'plot_row', 'reading', 'row_reading']
+__all__ = ['log', 'LOW_BIAS_RULE', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash',
+           'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs',
+           'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Method:
     overrides: dict = field(default_factory=dict)
     about: str = ''
     iters_scale: float = 1.0                # a multi-bit method's iterations: `benchmark.multi_iters` times this (a method whose step costs less runs more)
+
+LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -71,12 +73,10 @@ METHODS: dict[str, Method] = {
                                  {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.4, 0.2, 0.4)},
                                  'one pass per step with the passes drawn 0.4 / 0.2 / 0.4 (the mid pass, between the two, least), '
                                  'the rounding 4 times and the activation steps 10 times faster than the defaults', iters_scale=2.5),
-    'ptmq_one_pass_low_bias': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width', 'multi',
-                                     {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'},
+    'ptmq_one_pass_low_bias': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width', 'multi', LOW_BIAS_RULE,
                                      'one pass per step drawn 0.5 / 0.25 / 0.25 (low / mid / high), rounding lr 4e-3, activation lr 4e-4, and a '
                                      'per-channel shift per bit-width below the highest in every layer with switchable weights (Adam 4e-4)', iters_scale=2.5),
-    'ptmq_one_pass_low_bias_2x': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width, 2x iterations', 'multi',
-                                        {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'},
+    'ptmq_one_pass_low_bias_2x': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width, 2x iterations', 'multi', LOW_BIAS_RULE,
                                         'as ptmq_one_pass_low_bias at 2 (not 2.5) times multi_iters: the iterations of ONE per-bit QDrop run '
                                         'serve every bit-width', iters_scale=2.0),
 }

@@ -334,11 +334,16 @@ def test_one_pass_ends_sets_its_draw_and_both_rates():
     q = [r.config(base) for r in spec.runs() if r.method == 'qdrop']
     assert all((x.lr_alpha, x.lr_act, x.iters) == (1e-3, base.lr_act, 200) for x in q)   # the baseline keeps its own rates
 
+def _configs(spec: BenchmarkSpec, base: PTMQConfig) -> dict[str, list[PTMQConfig]]:
+    "The configs of a benchmark's runs, by method."
+    by = {}
+    for r in spec.runs(): by.setdefault(r.method, []).append(r.config(base))
+    return by
+
 def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
     base = PTMQConfig(iters=200, bit_bias='lower')                  # even a base asking for shifts: a single-bit run has none
     spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass_low_bias']}], 'seeds': [0], 'multi_iters': 100}, base)
-    by = {}
-    for r in spec.runs(): by.setdefault(r.method, []).append(r.config(base))
+    by = _configs(spec, base)
     (c,) = by['ptmq_one_pass_low_bias']
     assert (c.step_passes, c.iters, c.lr_alpha, c.lr_act, c.mix_lambdas, c.bit_bias, c.lr_bias) == ('one', 250, 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower', 4e-4)
     assert len(by['qdrop']) == 3 and all(x.bit_bias == 'none' and x.single_bits is not None for x in by['qdrop'])
@@ -347,8 +352,7 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
 def test_low_bias_2x_is_the_same_rule_at_one_qdrop_runs_iterations():
     base = PTMQConfig(iters=200)
     spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_one_pass_low_bias', 'ptmq_one_pass_low_bias_2x']}], 'seeds': [0], 'multi_iters': 100}, base)
-    by = {}
-    for r in spec.runs(): by.setdefault(r.method, []).append(r.config(base))
+    by = _configs(spec, base)
     (short,), (full,) = by['ptmq_one_pass_low_bias_2x'], by['ptmq_one_pass_low_bias']
     assert (short.iters, full.iters) == (200, 250)
     assert all(x.iters == short.iters for x in by['qdrop'])          # the iterations of ONE per-bit QDrop run, for every bit-width
