@@ -478,7 +478,7 @@ def plot_front(rows: Sequence[dict], fp32: float | None = None, path=None):
         uni = sorted((r for r in rows if r['method'] in UNIFORM_METHODS), key=f)
         mp = sorted((r for r in rows if r['method'] == 'ptmq_mp'), key=f)
         rnd = [r for r in rows if r['method'] == 'random_mp']
-        ax.scatter([f(r) for r in rnd], [r['top1'] for r in rnd], s=12, color='0.6', alpha=0.7, label='random plans')
+        if rnd: ax.scatter([f(r) for r in rnd], [r['top1'] for r in rnd], s=12, color='0.6', alpha=0.7, label='random plans')   # none asked: no legend entry
         by_budget = {}
         for r in rnd: by_budget.setdefault(r['budget'], []).append(r)
         mean = sorted((np.mean([f(r) for r in g]), np.mean([r['top1'] for r in g])) for g in by_budget.values())
