@@ -103,7 +103,9 @@ class PTMQConfig:
         if not 0 <= self.warmup < 1: raise ValueError("warmup must be in [0, 1)")
         if self.cache not in ('auto', 'device', 'host'): raise ValueError(f"cache must be auto, device or host, got {self.cache!r}")
         if self.device not in ('auto', 'cpu') and not self.device.startswith('cuda'): raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        self.beta, self.mix_lambdas, self.gd_weights = tuple(self.beta), tuple(self.mix_lambdas), tuple(self.gd_weights)
+        self.beta, self.gd_weights = tuple(self.beta), tuple(self.gd_weights)
+        try: self.mix_lambdas = tuple(float(l) for l in self.mix_lambdas)   # YAML's [0, 0, 1] is ints: the one-pass draw needs floats
+        except (TypeError, ValueError): raise ValueError(f"mix_lambdas must be 3 numbers, got {self.mix_lambdas!r}") from None
         MultiBitFeatureMixer(self.mix_lambdas, self.drop_prob, self.mfm)  # validates lambdas and p
 
     @property

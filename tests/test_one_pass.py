@@ -100,3 +100,13 @@ def test_step_passes_is_validated():
     assert STEP_PASSES == ('all', 'one') and PTMQConfig().step_passes == 'all'
     with pytest.raises(ValueError, match=r"step_passes must be one of \('all', 'one'\), got 'two'"): PTMQConfig(step_passes='two')
     assert PTMQConfig.from_dict({'step_passes': 'one'}).to_dict()['step_passes'] == 'one'
+
+
+def test_integer_lambdas_from_yaml_draw_like_floats(unit_and_data):
+    "`mix_lambdas: [0, 0, 1]` in a parameter file arrives as ints: the config holds floats, and the one-pass draw takes the high pass every step."
+    unit, x_fp, xs, y = unit_and_data
+    cfg = PTMQConfig(w_bits=4, groups=GROUPS, drop_prob=0.0, mix_lambdas=[0, 0, 1], step_passes='one')
+    assert cfg.mix_lambdas == (0.0, 0.0, 1.0) and all(type(l) is float for l in cfg.mix_lambdas)
+    for seed in range(5):
+        loss, terms, _ = _step(unit, x_fp, xs, y, cfg, seed)
+        assert math.isnan(terms['h_m'].item()) and math.isnan(terms['h_l'].item())      # the high pass: the float term alone
