@@ -79,6 +79,10 @@ METHODS: dict[str, Method] = {
     'ptmq_one_pass_low_bias_2x': Method('PTMQ, one pass per step, low pass drawn half the time, shifts per lower bit-width, 2x iterations', 'multi', LOW_BIAS_RULE,
                                         'as ptmq_one_pass_low_bias at 2 (not 2.5) times multi_iters: the iterations of ONE per-bit QDrop run '
                                         'serve every bit-width', iters_scale=2.0),
+    'ptmq_one_pass_low_bias_2x_high_drop': Method('PTMQ, the rule at 2x iterations, drop inside the unit in the high pass', 'multi',
+                                                  {**LOW_BIAS_RULE, 'block_drop': ['high']},
+                                                  "as ptmq_one_pass_low_bias_2x, with QDrop's drop inside the unit in the high pass only "
+                                                  '(trained or run as the teacher); the low and mid passes quantize plainly', iters_scale=2.0),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

@@ -20,10 +20,11 @@ from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'STEP_PASSES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq', 'round_to_nearest']
+__all__ = ['log', 'STEP_PASSES', 'PASS_NAMES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq', 'round_to_nearest']
 
 # %% ../nbs/07_reconstruction.ipynb #cdbb9d52
 STEP_PASSES = ('all', 'one')
+PASS_NAMES = ('low', 'mid', 'high')
 
 @dataclass
 class PTMQConfig:
@@ -45,7 +46,7 @@ class PTMQConfig:
     mfm: str = 'none'
     mix_lambdas: tuple[float, float, float] = (1/3, 1/3, 1/3)
     drop_prob: float = 0.5
-    block_drop: bool | None = None
+    block_drop: bool | list[str] | None = None
     gd_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     gd_fp: str = 'mix'
     detach_teacher: bool = True
@@ -92,7 +93,12 @@ class PTMQConfig:
             raise ValueError("bit_bias gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch")
         if not self.lr_bias > 0: raise ValueError(f"lr_bias must be > 0, got {self.lr_bias!r}")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
-        if self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true or false, got {self.block_drop!r}")
+        if isinstance(self.block_drop, (list, tuple)):
+            if not self.block_drop or not set(self.block_drop) <= set(PASS_NAMES) or len(set(self.block_drop)) < len(self.block_drop):
+                raise ValueError(f"block_drop as a list names passes, each once, among {list(PASS_NAMES)}, got {list(self.block_drop)!r}")
+            if self.single_bits is not None: raise ValueError("block_drop as a list of passes is for PTMQ steps: a single-bit run (single_bits) has one pass (use true or false)")
+            self.block_drop = [n for n in PASS_NAMES if n in self.block_drop]
+        elif self.block_drop not in (None, True, False): raise ValueError(f"block_drop must be None, true, false or a list of pass names, got {self.block_drop!r}")
         if self.pairs is not None:
             if self.w_bits not in self.pairs.w_set:
                 raise ValueError(f"with pairs, w_bits must be one of the pairs' weight bit-widths {list(self.pairs.w_set)}, got {self.w_bits}")
@@ -128,7 +134,13 @@ class PTMQConfig:
     def drop_in_block(self) -> float:
         "The float probability of the activation quantizers inside the unit under reconstruction (0: none). `block_drop=None`: QDrop's rule for single-bit runs (on), off for PTMQ."
         on = self.block_drop if self.block_drop is not None else self.single_bits is not None
-        return self.drop_prob if on else 0.0
+        return self.drop_prob if on is True else 0.0
+
+    @property
+    def pass_drops(self) -> tuple[float, float, float]:
+        "The float probability inside the unit in the low, mid and high pass of a PTMQ step."
+        if isinstance(self.block_drop, list): return tuple(self.drop_prob if n in self.block_drop else 0.0 for n in PASS_NAMES)
+        return (self.drop_in_block,) * 3
 
     def resolved_device(self) -> torch.device:
         return torch.device('cuda' if self.device == 'auto' and torch.cuda.is_available() else ('cpu' if self.device == 'auto' else self.device))
@@ -226,36 +238,45 @@ def _set_pass(unit: nn.Module, key) -> nn.Module:
 
 def _key_label(key) -> str: return f'W{key[0]}A{key[1]}' if isinstance(key, tuple) else str(key)
 
-def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched):
-    "One PTMQ step's loss: a bit-width (or a (w, a) pair) per group (drawn on the host), MFM inputs, the unit at low/mid/high, GD-Loss."
+def _pass_dropper(aqs: list[ActQuantizer], drops: tuple[float, float, float]) -> Callable[[int], None] | None:
+    "What sets pass i's drop inside the unit on its quantizers, where `block_drop` names passes; None when every pass drops alike."
+    if len(set(drops)) == 1: return None
+    def at_pass(i: int) -> None:
+        for q in aqs: q.drop = drops[i]
+    return at_pass
+
+def _ptmq_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched, at_pass=None):
+    "One PTMQ step's loss: a bit-width (or a (w, a) pair) per group (drawn on the host), MFM inputs, the unit at low/mid/high, GD-Loss. `at_pass(i)` sets pass i's drop inside the unit (`block_drop` as a list)."
     bits = (cfg.pairs or cfg.groups).sample(gen)
     inputs = mfm(x_fp, [take(b) for b in bits], dgen)
-    if cfg.pairs is not None:                          # weights switch too: one pass per pair
-        f_l, f_m, f_h = [_set_pass(unit, b)(x_in) for b, x_in in zip(bits, inputs)]
-    elif batched:
+    plain = cfg.pairs is None and at_pass is None
+    if plain and batched:
         set_bits(unit, bits)
         f_l, f_m, f_h = unit(torch.cat(inputs)).chunk(3)
-    elif inputs[0] is inputs[1] is inputs[2] and hasattr(unit, 'forward_bits'):   # one MFM input: share what is bit-independent
+    elif plain and inputs[0] is inputs[1] is inputs[2] and hasattr(unit, 'forward_bits'):   # one MFM input: share what is bit-independent
         f_l, f_m, f_h = unit.forward_bits(inputs[0], bits)
-    else:
+    else:                                              # one pass at a time (with pairs the weights switch too)
         outs = []
-        for b, x_in in zip(bits, inputs):
-            set_bits(unit, b); outs.append(unit(x_in))
+        for i, (b, x_in) in enumerate(zip(bits, inputs)):
+            if at_pass is not None: at_pass(i)
+            outs.append(_set_pass(unit, b)(x_in))
         f_l, f_m, f_h = outs
     loss, terms = gd_loss(f_l, f_m, f_h, y_fp, cfg.mix_lambdas, cfg.gd_weights, cfg.detach_teacher, fp_term=cfg.gd_fp)
     return loss, terms, bits
 
-def _one_pass_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched=False):
+def _one_pass_loss(unit, x_fp, take, y_fp, cfg, mfm, gen, dgen, batched=False, at_pass=None):
     "One step of `step_passes='one'`: ONE pass drawn with probabilities `mix_lambdas`, its float term and (below high) its distillation to the high pass."
     bits = (cfg.pairs or cfg.groups).sample(gen)
     p = int(torch.multinomial(torch.tensor(cfg.mix_lambdas), 1, generator=gen))
     inputs = mfm(x_fp, [take(b) for b in bits], dgen)
     nan = torch.full((), float('nan'), device=y_fp.device)
+    if at_pass is not None: at_pass(2)
     if p == 2:                                         # the high pass: the float term alone
         fp = lp_distance(_set_pass(unit, bits[2])(inputs[2]), y_fp)
         return cfg.gd_weights[0] * fp, {'fp': fp.detach(), 'h_m': nan, 'h_l': nan}, bits
     with torch.no_grad() if cfg.detach_teacher else contextlib.nullcontext():
         f_h = _set_pass(unit, bits[2])(inputs[2])     # the teacher: a forward pass without gradient when detached
+    if at_pass is not None: at_pass(p)
     f = _set_pass(unit, bits[p])(inputs[p])
     fp, dist = lp_distance(f, y_fp), lp_distance(f, f_h)
     terms = {'fp': fp.detach(), 'h_m': dist.detach() if p == 1 else nan, 'h_l': dist.detach() if p == 0 else nan}
@@ -276,6 +297,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
            gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device) -> list[dict[str, float]]:
     wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
     for q in aqs: q.drop, q.drop_gen = cfg.drop_in_block, dgen          # QDrop inside the unit (0: none); reset in `finally`
+    at_pass = _pass_dropper(aqs, cfg.pass_drops)
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
     for q in wqs: q.set_mode('soft')
@@ -308,7 +330,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
                     loss = _single_bit_loss(unit, take(x_fp), take(xs[cfg.single_bits]), take(y_fp), cfg, mfm, dgen)
                     terms = {'fp': loss.detach(), 'h_m': zero, 'h_l': zero}
                 else:
-                    loss, terms, bits = step(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched)
+                    loss, terms, bits = step(unit, take(x_fp), lambda b: take(xs[b]), take(y_fp), cfg, mfm, gen, dgen, batched, at_pass)
             beta = beta_schedule(it, cfg.iters, cfg.warmup, *cfg.beta)
             rterm = cfg.lambda_r * rounding_reg([q.h() for q in wqs], beta) if beta is not None and wqs else zero
             for o in opts: o.zero_grad(set_to_none=True)

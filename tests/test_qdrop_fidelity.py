@@ -210,3 +210,33 @@ def test_plan_costs_see_the_held_last_activation():
     fc = [r for r in c.layers if r['name'].endswith('fc')]
     assert len(fc) == 1 and fc[0]['input'] == 'fixed 8-bit' and fc[0]['a_bits'] == 8
     assert len(plan_slots(qm)) == 6 and len(c.elems) == 6      # stem, 3 inner, 2 block outputs: the last is held at 8 bits
+
+
+def test_block_drop_as_a_list_of_passes():
+    assert PTMQConfig(block_drop=['high']).pass_drops == (0.0, 0.0, 0.5)
+    assert PTMQConfig(block_drop=['mid', 'low'], drop_prob=0.3).block_drop == ['low', 'mid']       # in pass order
+    assert PTMQConfig(block_drop=['mid', 'low'], drop_prob=0.3).pass_drops == (0.3, 0.3, 0.0)
+    assert PTMQConfig(block_drop=['high']).drop_in_block == 0.0                                # no drop for every pass alike
+    assert PTMQConfig(block_drop=True).pass_drops == (0.5,) * 3 and PTMQConfig().pass_drops == (0.0,) * 3
+    for bad in ([], ['top'], ['high', 'high']):
+        with pytest.raises(ValueError, match='block_drop as a list'): PTMQConfig(block_drop=bad)
+    with pytest.raises(ValueError, match='single-bit run'): PTMQConfig(block_drop=['high'], single_bits=4)
+
+
+@pytest.mark.parametrize('step_passes', ['all', 'one'])
+def test_drop_inside_the_unit_only_in_the_named_passes(step_passes, monkeypatch):
+    torch.manual_seed(0)
+    cfg = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, iters=6, batch_size=4, observe_images=8,
+                     block_drop=['high'], step_passes=step_passes)
+    import ptmq.recon as R
+    seen = set()
+    orig = R.ActQuantizer.forward
+    def spy(self, x):
+        if self.switchable: seen.add((self.bits[self.idx], self.drop))
+        return orig(self, x)
+    monkeypatch.setattr(R.ActQuantizer, 'forward', spy)
+    qm = ptmq(CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), cfg, progress=False)
+    monkeypatch.setattr(R.ActQuantizer, 'forward', orig)
+    assert {d for b, d in seen if b == 8} == {0.0, 0.5}          # the high pass drops (and the evaluations after it do not)
+    assert {d for b, d in seen if b != 8} == {0.0} and {b for b, d in seen} == {4, 6, 8}
+    assert all(q.drop == 0.0 and q.drop_gen is None for q in act_quantizers(qm))
