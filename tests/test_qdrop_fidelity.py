@@ -60,22 +60,27 @@ def test_drop_gradient_reaches_the_step_through_quantized_elements_only():
     assert aq.scale.grad is not None and aq.scale.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize('single,block_drop,expect', [(4, None, {0.0, 0.5}), (4, False, {0.0}), (None, None, {0.0}), (None, True, {0.0, 0.5})])
-def test_drop_inside_the_unit_only_during_reconstruction(single, block_drop, expect, monkeypatch):
+def _calibrate_seeing(cfg, monkeypatch, what):
+    "Calibrate a small random ResNet under `cfg`, keeping `what(quantizer)` at every activation quantizer call (None: nothing)."
+    import ptmq.recon as R
     torch.manual_seed(0)
     fp = CifarResNet(8).eval()
     calib = torch.randn(16, 3, 32, 32)
-    cfg = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, iters=3, batch_size=4, observe_images=8,
-                     single_bits=single, block_drop=block_drop)
-    import ptmq.recon as R
-    seen = set()
-    orig = R.ActQuantizer.forward
+    seen, orig = set(), R.ActQuantizer.forward
     def spy(self, x):
-        seen.add(self.drop)
+        if (v := what(self)) is not None: seen.add(v)
         return orig(self, x)
     monkeypatch.setattr(R.ActQuantizer, 'forward', spy)
     qm = ptmq(fp, calib, cfg, progress=False)
     monkeypatch.setattr(R.ActQuantizer, 'forward', orig)
+    return qm, calib, seen
+
+
+@pytest.mark.parametrize('single,block_drop,expect', [(4, None, {0.0, 0.5}), (4, False, {0.0}), (None, None, {0.0}), (None, True, {0.0, 0.5})])
+def test_drop_inside_the_unit_only_during_reconstruction(single, block_drop, expect, monkeypatch):
+    cfg = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, iters=3, batch_size=4, observe_images=8,
+                     single_bits=single, block_drop=block_drop)
+    qm, calib, seen = _calibrate_seeing(cfg, monkeypatch, lambda q: q.drop)
     assert seen == expect
     assert all(q.drop == 0.0 and q.drop_gen is None for q in act_quantizers(qm))      # none outside reconstruction
     set_bits(qm, single or 4)
@@ -225,18 +230,9 @@ def test_block_drop_as_a_list_of_passes():
 
 @pytest.mark.parametrize('step_passes', ['all', 'one'])
 def test_drop_inside_the_unit_only_in_the_named_passes(step_passes, monkeypatch):
-    torch.manual_seed(0)
     cfg = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, iters=6, batch_size=4, observe_images=8,
                      block_drop=['high'], step_passes=step_passes)
-    import ptmq.recon as R
-    seen = set()
-    orig = R.ActQuantizer.forward
-    def spy(self, x):
-        if self.switchable: seen.add((self.bits[self.idx], self.drop))
-        return orig(self, x)
-    monkeypatch.setattr(R.ActQuantizer, 'forward', spy)
-    qm = ptmq(CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), cfg, progress=False)
-    monkeypatch.setattr(R.ActQuantizer, 'forward', orig)
+    qm, _, seen = _calibrate_seeing(cfg, monkeypatch, lambda q: (q.bits[q.idx], q.drop) if q.switchable else None)
     assert {d for b, d in seen if b == 8} == {0.0, 0.5}          # the high pass drops (and the evaluations after it do not)
     assert {d for b, d in seen if b != 8} == {0.0} and {b for b, d in seen} == {4, 6, 8}
     assert all(q.drop == 0.0 and q.drop_gen is None for q in act_quantizers(qm))
