@@ -229,12 +229,13 @@ def register_architecture(name: str, matches, units: Callable, config: Callable,
 def quantize_model(model: nn.Module, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8,
                    head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True,
                    arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last',
-                   w_rounding: str = 'per_bit', bit_bias: str = 'none') -> QuantModel:
-    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths; `bit_bias`: shifts per bit-width (`BitBias`)."
+                   w_rounding: str = 'per_bit', bit_bias: str = 'none', device: str | torch.device | None = None) -> QuantModel:
+    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths; `bit_bias`: shifts per bit-width (`BitBias`); `device`: where the copy goes before its weight observers search (default: where `model` is)."
     registry = registry if registry is not None else ARCHITECTURES
     a = arch if isinstance(arch, Architecture) else (registry.find(model) if arch is None else registry[arch])
     s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q, w_rounding, bit_bias)
     model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
+    if device is not None: model.to(device)  # the weight observers' search (QDrop's, over steps and zero points) is the setup's cost
     try: config, why = a.config(model), None
     except Exception as e: config, why = None, f"{type(e).__name__}: {e}"
     qm = QuantModel(s.finish(a.units(model, s)), s.a_bits, s.w_set, arch=a.name, arch_config=config, spec=s).eval()

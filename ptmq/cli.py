@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument('--amp', choices=['off', 'on', 'both'], default='both', help='time float32, bfloat16 autocast, or both')
     g.add_argument('--qdrop', action=argparse.BooleanOptionalAction, default=True, help='also time per-bit-width QDrop: the GPU cost ratio')
     g.add_argument('--out', default='reports/gpu_check')
+    g.add_argument('--finish', metavar='WORKDIR', help='write the report of an interrupted check from the work folder it left (.gpu_check.running-PID): '
+                   'what it measured, and what it did not reach (its plan.json, else the plan of these --models/--amp/--qdrop)')
     e = sub.add_parser('export', help='export a saved model (ptmq.save) at one activation bit-width or one of its plans: ONNX in QDQ form')
     e.add_argument('model', help='a model file written by ptmq run or ptmq.save (.safetensors)')
     which = e.add_mutually_exclusive_group(required=True)
@@ -74,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if any(v.startswith(('failed', 'invalid')) for v in status.values()) else 0
         elif args.cmd == 'index': print(write_index(args.reports))
         elif args.cmd == 'gpu-check':
-            from ptmq.gpucheck import gpu_check
+            from ptmq.gpucheck import gpu_check, finish_gpu_check, check_plan
             amp = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.amp]
-            out = gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp,
-                            qdrop=args.qdrop)
+            out = (finish_gpu_check(args.finish, args.out, check_plan(args.models, amp, args.qdrop)) if args.finish else
+                   gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp,
+                             qdrop=args.qdrop))
             print((out / 'README.md').read_text())
         elif args.cmd == 'export':
             from ptmq.export import export_command

@@ -17,7 +17,8 @@ log = logging.getLogger('ptmq')
 GROUPS = BitGroups((4,), (6,), (8,))      # the paper's W4 groups: low 4, mid 6, high 8
 
 # %% auto #0
-__all__ = ['log', 'GROUPS', 'time_model', 'qdrop_ratios', 'gpu_check', 'gpu_check_markdown']
+__all__ = ['log', 'GROUPS', 'Check', 'time_model', 'qdrop_ratios', 'check_plan', 'gpu_check', 'write_gpu_check',
+           'finish_gpu_check', 'gpu_check_markdown']
 
 # %% ../nbs/13_gpu_check.ipynb #9b91f800
 def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32,
@@ -31,17 +32,20 @@ def time_model(name: str, images: int = 1024, iters: int = 100, paper_iters: int
     model = create_model(name, pretrained=False)
     calib = torch.randn(images, 3, input_size, input_size, generator=g)
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
     qm = ptmq(model, calib, cfg, progress=progress)
     c = qm.calibration
+    setup = time.perf_counter() - t0 - c.seconds       # building the quantized model: BN folding, weight observers (once per calibration)
     per_iter = [l / cfg.iters for l in c.loop_seconds] if cfg.iters else [0.0] * len(c.loop_seconds)
     full = sum(u - l for u, l in zip(c.unit_seconds, c.loop_seconds)) + sum(p * paper_iters for p in per_iter)
     return {'model': name, 'method': method, 'units': len(qm.units), 'images': images, 'input_size': input_size, 'batch_size': batch_size,
             'bits': list(cfg.a_bits), 'amp': cfg.amp, 'iters_measured': cfg.iters, 'paper_iters': paper_iters, 'device': c.device,
             'device_name': torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu',
-            'cache_device': c.cache_device, 'measured_seconds': round(c.seconds, 2),
+            'cache_device': c.cache_device, 'measured_seconds': round(c.seconds, 2), 'setup_seconds': round(setup, 2),
             'seconds_per_iter': [round(p, 5) for p in per_iter], 'unit_overhead_seconds': [round(u - l, 3) for u, l in zip(c.unit_seconds, c.loop_seconds)],
             'extrapolated_seconds': round(full, 1), 'extrapolated_minutes': round(full / 60, 1),
-            'peak_gpu_gib': round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == 'cuda' else None}
+            'peak_gpu_gib': round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == 'cuda' else None,
+            'torch': torch.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
 
 # %% ../nbs/13_gpu_check.ipynb #5e7b4167
 def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -59,6 +63,19 @@ def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                         'qdrop_paper_minutes': round(paper['qdrop_seconds_sum'] / 60, 1), 'paper_ratio': paper['ratio']})
     return out
 
+Check = tuple[str, str, bool, int | None]      # one calibration of a check: model, method, bfloat16 autocast, QDrop's bit-width
+
+def check_plan(models: Sequence[str], amp: Sequence[bool] = (False, True), qdrop: bool = True) -> list[Check]:
+    "The calibrations of a check in order: per model, PTMQ (float32 and/or autocast), then QDrop once per bit-width when `qdrop` and PTMQ runs in float32."
+    qdrop = qdrop and False in amp
+    return [t for m in models for t in [(m, 'ptmq', a, None) for a in amp] + [(m, 'qdrop', False, b) for b in GROUPS.all_bits if qdrop]]
+
+def _describe(t: Check) -> str:
+    m, method, a, b = t
+    return f"{m} {METHODS[method].label}" + (f' A{b}' if b else ' (bf16 autocast)' if a else '')
+
+def _row_check(r: dict[str, Any]) -> Check: return (r['model'], r['method'], r['amp'], r['bits'][0] if r['method'] == 'qdrop' else None)
+
 def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), out: str | Path = 'reports/gpu_check',
               images: int = 1024, iters: int = 100, paper_iters: int = 20000, batch_size: int = 32, input_size: int = 224,
               device: str = 'auto', progress: bool = True, amp: Sequence[bool] = (False, True), qdrop: bool = True,
@@ -70,46 +87,72 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
         raise RuntimeError("no CUDA device here: the GPU check needs one (pass device='cpu' / --device cpu for a slow dry run)")
     for m in models: model_spec(m)          # an unknown name fails before any work
     if qdrop and False not in amp: log.info("gpu check: no float32 PTMQ run (amp on only), so no QDrop runs to compare with")
-    qdrop = qdrop and False in amp
-    plan = []                                # per model: PTMQ (float32, autocast), then QDrop per bit-width
-    for m in models: plan += [(m, 'ptmq', a, None) for a in amp] + [(m, 'qdrop', False, b) for b in GROUPS.all_bits if qdrop]
+    plan = check_plan(models, amp, qdrop)
     log.info("gpu check: %d calibrations (%s), %d images %dx%d, %d iterations per unit, batch %d, on %s", len(plan), ', '.join(models),
              images, input_size, input_size, iters, batch_size, dev)
     if warmup:      # one-time costs (CUDA context, lazily loaded kernels, library handles) kept out of the first timed run
         for m, method, a, b in {t[:3]: t for t in reversed(plan)}.values():      # the first run of each kind
             time_model(m, min(images, 256), 2, paper_iters, batch_size, input_size, device=device, amp=a, method=method, single_bits=b)
-    out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')
+    out = Path(out); tmp = out.with_name(f'.{out.name}.running-{os.getpid()}')     # what a run stopped midway leaves: its plan and rows
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    (tmp / 'plan.json').write_text(json.dumps(plan))
     rows, t0 = [], time.perf_counter()
-    for i, (m, method, a, b) in enumerate(plan):
+    for i, t in enumerate(plan):
+        m, method, a, b = t
         rows.append(time_model(m, images, iters, paper_iters, batch_size, input_size, device=device, progress=progress, amp=a,
                                method=method, single_bits=b))
-        with open(tmp / 'rows.jsonl', 'a') as f: f.write(json.dumps(rows[-1]) + '\n')     # what a run stopped midway leaves
+        with open(tmp / 'rows.jsonl', 'a') as f: f.write(json.dumps(rows[-1]) + '\n')
         spent = time.perf_counter() - t0
-        log.info("[%d/%d] %s %s%s: %.1fs; about %.1f min for a full calibration at %d it/unit; peak %s GiB; about %.0fs of the check left",
-                 i + 1, len(plan), m, METHODS[method].label, f' A{b}' if b else ' (bf16 autocast)' if a else '', rows[-1]['measured_seconds'],
-                 rows[-1]['extrapolated_minutes'], paper_iters, rows[-1]['peak_gpu_gib'], spent / (i + 1) * (len(plan) - i - 1))
+        log.info("[%d/%d] %s: %.1fs; about %.1f min for a full calibration at %d it/unit; peak %s GiB; about %.0fs of the check left",
+                 i + 1, len(plan), _describe(t), rows[-1]['measured_seconds'], rows[-1]['extrapolated_minutes'], paper_iters,
+                 rows[-1]['peak_gpu_gib'], spent / (i + 1) * (len(plan) - i - 1))
+    write_gpu_check(rows, out, plan)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+def write_gpu_check(rows: Sequence[dict[str, Any]], out: str | Path, plan: Sequence[Check] | None = None) -> Path:
+    "Write `out/results.json` and `out/README.md` from the rows of a check, atomically (an earlier report stays until this one is whole); calibrations of `plan` without a row are listed as not measured."
     import ptmq as _p
-    rec = {'kind': 'gpu_check', 'torch': torch.__version__, 'ptmq': _p.__version__, 'finished': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-           'results': rows, 'qdrop_ratios': qdrop_ratios(rows)}
+    done = {_row_check(r) for r in rows}
+    rec = {'kind': 'gpu_check', 'torch': ', '.join(sorted({r['torch'] for r in rows if 'torch' in r})) or None, 'ptmq': _p.__version__,
+           'finished': max((r['finished'] for r in rows if 'finished' in r), default=None) or time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+           'results': list(rows), 'qdrop_ratios': qdrop_ratios(rows), 'not_measured': [_describe(t) for t in plan or () if tuple(t) not in done]}
+    out = Path(out); tmp = out.with_name(f'.{out.name}.writing-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
     (tmp / 'README.md').write_text(gpu_check_markdown(rec))
-    (tmp / 'rows.jsonl').unlink()
     old = out.with_name(f'.{out.name}.old-{os.getpid()}')
     if out.exists(): os.replace(out, old)
     os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
     return out
 
+def finish_gpu_check(running: str | Path, out: str | Path, plan: Sequence[Check] | None = None) -> Path:
+    "The report of an interrupted check, from the work folder it left (`.NAME.running-PID`): the rows it measured, and what of its plan (its `plan.json`, else `plan`) it did not reach."
+    running = Path(running); rows_file = running / 'rows.jsonl'
+    if not rows_file.is_file(): raise FileNotFoundError(f"{rows_file} not found: give the work folder an interrupted `ptmq gpu-check` left (.gpu_check.running-PID)")
+    rows = []
+    for i, line in enumerate(rows_file.read_text().splitlines(), 1):
+        if not line.strip(): continue
+        try: rows.append(json.loads(line))
+        except json.JSONDecodeError as e: raise ValueError(f"{rows_file}, line {i}: not a JSON row ({e})") from None
+    if not rows: raise ValueError(f"{rows_file} holds no rows: the check was stopped before its first calibration finished")
+    if (running / 'plan.json').is_file(): plan = [tuple(t) for t in json.loads((running / 'plan.json').read_text())]
+    return write_gpu_check(rows, out, plan)
+
 def gpu_check_markdown(rec: dict[str, Any]) -> str:
     "The README of a GPU check record: one row per calibration, then the cost of PTMQ against per-bit QDrop."
-    lines = ['# GPU check', '', f"Written by `ptmq gpu-check` ({rec['finished']}, torch {rec['torch']}). Random weights and images; "
-             f"each unit calibrated for the measured iterations, its loop time extrapolated to the paper's iterations per unit.", '',
-             '| model | method | device | units | images | batch | bits | bf16 autocast | iters measured | measured (s) | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    torch_v = f"torch {rec['torch']}" if rec.get('torch') else 'torch version not recorded in its rows'
+    lines = ['# GPU check', '', f"Written by `ptmq gpu-check` ({rec['finished']}, {torch_v}). Random weights and images; "
+             f"each unit calibrated for the measured iterations, its loop time extrapolated to the paper's iterations per unit.", '']
+    if rec.get('not_measured'):
+        lines += [f"**Interrupted:** {len(rec['results'])} of {len(rec['results']) + len(rec['not_measured'])} calibrations measured; "
+                  f"not measured: {', '.join(rec['not_measured'])}.", '']
+    lines += ['| model | method | device | units | images | batch | bits | bf16 autocast | iters measured | measured (s) | s/iter (min-max over units) | peak GiB | full calibration at paper iters (min) | model setup (s) |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rec['results']:
         lines.append(f"| {r['model']} | {METHODS[r['method']].label} | {r['device_name']} | {r['units']} | {r['images']}x{r['input_size']}² | {r['batch_size']} | "
                      f"{'/'.join(map(str, r['bits']))} | {'yes' if r['amp'] else 'no'} | {r['iters_measured']} | {r['measured_seconds']} | "
-                     f"{min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | {r['peak_gpu_gib']} | **{r['extrapolated_minutes']}** ({r['paper_iters']} it/unit) |")
+                     f"{min(r['seconds_per_iter']):.4f}-{max(r['seconds_per_iter']):.4f} | {r['peak_gpu_gib']} | **{r['extrapolated_minutes']}** ({r['paper_iters']} it/unit) | {r.get('setup_seconds', '-')} |")
     if rec['qdrop_ratios']:
         lines += ['', '## One PTMQ calibration against the per-bit-width QDrop calibrations it replaces', '',
                   'Float32, same iterations per unit; the target is a ratio of at most 0.5 on a GPU.', '',

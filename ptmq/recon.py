@@ -311,7 +311,8 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     mfm = MultiBitFeatureMixer(cfg.mix_lambdas, cfg.drop_prob, cfg.mfm)
     every = cfg.log_every or max(1, cfg.iters // 100)
     history, n, bs = [], len(x_fp), min(cfg.batch_size, len(x_fp))
-    host = cfg.cache == 'host' or x_fp.device != dev      # caches in host memory: host indices, pinned gathers, async copies
+    host = cfg.cache == 'host' or (x_fp.device.type == 'cpu' and dev.type != 'cpu')   # caches in host memory: host indices, pinned gathers, async copies
+    # (by memory kind, not by device: the caches sit on 'cuda:0' while `dev` may read 'cuda')
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext   # chosen once, not per step
@@ -399,7 +400,8 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_set, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.bit_bias)
+                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.bit_bias,
+                        device=cfg.resolved_device())      # the weight observers where the calibration runs (ResNet-18's: ~5 min on 2 CPU cores)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)
     return qm

@@ -34,7 +34,7 @@ def test_host_cache_gives_the_same_calibration():
     with torch.no_grad(): assert torch.equal(set_bits(a, 4)(x), set_bits(b, 4)(x))
 
 def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatch):
-    from ptmq.gpucheck import time_model, gpu_check
+    from ptmq.gpucheck import time_model, gpu_check, finish_gpu_check, check_plan
     from ptmq.cli import main
     r = time_model('cifar_resnet20', images=32, iters=2, paper_iters=100, batch_size=8, input_size=32, device='cpu')
     assert r['units'] == 11 and len(r['seconds_per_iter']) == 11 and all(s > 0 for s in r['seconds_per_iter'][:-1])
@@ -60,6 +60,25 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     assert 'odd' not in index and (tmp_path / 'summary.png').is_file()
     with pytest.raises(ValueError, match='qdrop needs single_bits in'): time_model('cifar_resnet20', images=8, iters=1, input_size=32, device='cpu', method='qdrop')
     with pytest.raises(ValueError, match='unknown method'): time_model('cifar_resnet20', method='adaround', device='cpu')
+    # an interrupted check: its work folder keeps the plan and the rows measured; --finish reports what it measured and names the rest
+    work = tmp_path / '.gc.running-1'; work.mkdir()
+    (work / 'plan.json').write_text(json.dumps(check_plan(['cifar_resnet20'], (False,))))
+    (work / 'rows.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rec['results'][:2]))
+    assert main(['gpu-check', '--finish', str(work), '--out', str(tmp_path / 'part')]) == 0      # plan.json wins over the default --models
+    part = json.loads((tmp_path / 'part' / 'results.json').read_text())
+    assert part['results'] == rec['results'][:2] and part['qdrop_ratios'] == [] and part['torch'] == torch.__version__
+    assert part['not_measured'] == ['cifar_resnet20 QDrop A6', 'cifar_resnet20 QDrop A8']
+    md = (tmp_path / 'part' / 'README.md').read_text()
+    assert '**Interrupted:** 2 of 4 calibrations measured; not measured: cifar_resnet20 QDrop A6, cifar_resnet20 QDrop A8.' in md
+    assert 'One PTMQ calibration against' not in md and f'torch {torch.__version__}' in md
+    (work / 'plan.json').unlink()           # no plan kept: the one given (the command's --models/--amp/--qdrop)
+    assert json.loads((finish_gpu_check(work, tmp_path / 'p2', check_plan(['cifar_resnet20'], (False,), qdrop=False)) / 'results.json').read_text())['not_measured'] == []
+    (work / 'rows.jsonl').write_text('{"model": "cifar_r\n')
+    with pytest.raises(ValueError, match='line 1: not a JSON row'): finish_gpu_check(work, tmp_path / 'p3')
+    (work / 'rows.jsonl').write_text('')
+    with pytest.raises(ValueError, match='holds no rows'): finish_gpu_check(work, tmp_path / 'p3')
+    with pytest.raises(FileNotFoundError, match='rows.jsonl not found'): finish_gpu_check(tmp_path / 'nowhere', tmp_path / 'p3')
+    assert not (tmp_path / 'p3').exists()
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(RuntimeError, match='no CUDA device here'): gpu_check(['resnet18'], tmp_path / 'x')
     assert main(['gpu-check', '--out', str(tmp_path / 'x')]) == 1 and not (tmp_path / 'x').exists()
@@ -105,6 +124,7 @@ def test_amp_runs_the_loop_passes_in_bfloat16_only():
     seen = []
     qm.units[2].body[0].out_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
     res = calibrate(qm, calib, cfg, progress=False)
-    assert seen.count(torch.bfloat16) == 3 * cfg.iters and torch.float32 in seen   # 3 bit passes a step; caches in float32
+    per_step = 1 if cfg.resolved_device().type == 'cuda' else 3     # 3 bit passes a step; on a GPU one batched forward (batched_bits)
+    assert seen.count(torch.bfloat16) == per_step * cfg.iters and torch.float32 in seen   # caches in float32
     assert all(math.isfinite(h['total']) for h in res.history)
     assert PTMQConfig.from_dict({'amp': True}).to_dict()['amp'] is True and PTMQConfig().amp is False
