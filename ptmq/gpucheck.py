@@ -12,6 +12,7 @@ from .models import create_model, model_spec
 from .mfm import BitGroups
 from .recon import PTMQConfig, ptmq
 from .bench import METHODS, Run, cost_ratios
+from .runner import replace_report
 
 log = logging.getLogger('ptmq')
 GROUPS = BitGroups((4,), (6,), (8,))      # the paper's W4 groups: low 4, mid 6, high 8
@@ -121,10 +122,7 @@ def write_gpu_check(rows: Sequence[dict[str, Any]], out: str | Path, plan: Seque
     shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
     (tmp / 'results.json').write_text(json.dumps(rec, indent=2))
     (tmp / 'README.md').write_text(gpu_check_markdown(rec))
-    old = out.with_name(f'.{out.name}.old-{os.getpid()}')
-    if out.exists(): os.replace(out, old)
-    os.replace(tmp, out); shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_report(tmp, out.parent, out.name)
 
 def finish_gpu_check(running: str | Path, out: str | Path, plan: Sequence[Check] | None = None) -> Path:
     "The report of an interrupted check, from the work folder it left (`.NAME.running-PID`): the rows it measured, and what of its plan (its `plan.json`, else `plan`) it did not reach."

@@ -311,8 +311,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     mfm = MultiBitFeatureMixer(cfg.mix_lambdas, cfg.drop_prob, cfg.mfm)
     every = cfg.log_every or max(1, cfg.iters // 100)
     history, n, bs = [], len(x_fp), min(cfg.batch_size, len(x_fp))
-    host = cfg.cache == 'host' or (x_fp.device.type == 'cpu' and dev.type != 'cpu')   # caches in host memory: host indices, pinned gathers, async copies
-    # (by memory kind, not by device: the caches sit on 'cuda:0' while `dev` may read 'cuda')
+    host = cfg.cache == 'host' or x_fp.device != dev      # caches in host memory: host indices, pinned gathers, async copies
     batched = cfg.batched_bits if cfg.batched_bits is not None else dev.type == 'cuda'
     zero = torch.zeros((), device=dev)
     amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if cfg.amp else contextlib.nullcontext   # chosen once, not per step
@@ -360,6 +359,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     built = getattr(qmodel.spec, 'bit_bias', 'none')
     if built != cfg.bit_bias: raise ValueError(f"the config asks bit_bias={cfg.bit_bias!r}, the model was built with {built!r} (quantize_model(..., bit_bias=...))")
     dev = cfg.resolved_device()
+    if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())   # named as its tensors are ('cuda:0'): device comparisons hold
     qmodel.to(dev).eval().requires_grad_(False)
     gen, dgen = _generators(cfg.seed, dev)
     t_start = time.perf_counter()
