@@ -15,7 +15,7 @@ from .fold import fold_bn
 # %% auto #0
 __all__ = ['BIT_BIAS', 'HEAD_QUANT', 'QuantLayer', 'BitBias', 'link_bit_biases', 'QuantResidualBlock', 'QuantHead', 'QuantModel',
            'QuantSpec', 'hold_last_activation', 'act_quantizers', 'weight_quantizers', 'PlanSlot', 'plan_slots',
-           'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'freeze_bits']
+           'plan_bits', 'set_bits', 'set_weight_mode', 'quant_state', 'kept_bits', 'freeze_bits']
 
 # %% ../nbs/04_blocks.ipynb #14643771
 class QuantLayer(nn.Module):
@@ -290,6 +290,15 @@ def quant_state(model: nn.Module, weights: bool = True, acts: bool = True) -> It
     try: yield model
     finally:
         for q, e in zip(qs, before): q.enabled = e
+
+@contextlib.contextmanager
+def kept_bits(model: nn.Module) -> Iterator[nn.Module]:
+    "Within the block, switch bit-widths freely; every quantizer's bit-width (and the model's weight bit-width) is restored after."
+    before, w = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)], getattr(model, 'w_bits', None)
+    try: yield model
+    finally:
+        for q, i in before: q.idx = i
+        if w is not None: model.w_bits = w
 
 # %% ../nbs/04_blocks.ipynb #f15250a1
 def freeze_bits(model: QuantModel, a_bits: int) -> QuantModel:

@@ -63,21 +63,24 @@ class MixedPrecisionParams:
     sensitivity_images: int = 256      # N training-split images (never the evaluation set) for the sensitivity
     sensitivity_from: str = 'held_out' # held_out: N images outside the calibration set; calibration: its first N images
     seed: int = 0                      # of the random plans
+    select: str = 'measured'           # each budget's plan: measured (least whole KL among the front's candidates) or sum (the knapsack's)
+    candidates: int = 40               # select: measured: the front's dearest points within each budget, measured whole
 
     def __post_init__(self):
         if self.budget not in ('avg_bits', 'bops'): raise ValueError(f"budget must be avg_bits or bops, got {self.budget!r}")
         if self.sensitivity_from not in ('held_out', 'calibration'):
             raise ValueError(f"sensitivity_from must be held_out or calibration, got {self.sensitivity_from!r}")
+        if self.select not in ('measured', 'sum'): raise ValueError(f"select must be measured or sum, got {self.select!r}")
         b = self.budgets
         if isinstance(b, bool) or not (isinstance(b, int) and b >= 1 or isinstance(b, list) and b and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
             raise ValueError(f"budgets must be a positive integer (that many budgets) or a non-empty list of numbers, got {b!r}")
         if isinstance(b, list) and self.budget == 'bops' and not all(0 < v <= 1 for v in b):
             raise ValueError(f"BOPs budgets are fractions of the highest uniform plan's BOPs, in (0, 1]; got {b}")
-        for k in ('random_plans', 'sensitivity_images', 'seed'):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if k == 'sensitivity_images' else 0):
-                raise ValueError(f"{k} must be a {'positive' if k == 'sensitivity_images' else 'non-negative'} integer, got {v!r}")
+        for k in ('random_plans', 'sensitivity_images', 'seed', 'candidates'):
+            v, pos = getattr(self, k), k in ('sensitivity_images', 'candidates')
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if pos else 0):
+                raise ValueError(f"{k} must be a {'positive' if pos else 'non-negative'} integer, got {v!r}")
 
     def budget_list(self, a_bits, pairs=None) -> list[float]:
         """The budgets: as given, or `budgets` evenly spaced strictly between the lowest and highest bit-width (of the BOPs: as
@@ -93,7 +96,7 @@ class MixedPrecisionParams:
         "The section, validated; `n_pairs`: how many (w, a) pairs the model serves (a weight-set model's plans choose among those)."
         if d is None or d is False: return None
         if d is True: d = {}
-        if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, sensitivity_from, seed), true, or null")
+        if not isinstance(d, dict): raise ValueError("must be a mapping (budgets, budget, random_plans, sensitivity_images, sensitivity_from, seed, select, candidates), true, or null")
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown: raise ValueError(f"unknown key(s) {unknown}; known: {', '.join(f.name for f in fields(cls))}")
         mp = cls(**d)

@@ -14,12 +14,13 @@ from torch import nn, Tensor
 from .data import progress_bar, top1_of
 from .quant import ActQuantizer, WeightQuantizer
 from .mfm import parse_pair
-from .blocks import QuantModel, QuantLayer, act_quantizers, weight_quantizers, plan_slots, plan_bits, set_bits
+from .blocks import QuantModel, QuantLayer, act_quantizers, weight_quantizers, plan_slots, plan_bits, set_bits, kept_bits
 
 # %% auto #0
 __all__ = ['UNIFORM_METHODS', 'BitPlan', 'current_plan', 'PairPlan', 'parse_plan', 'PlanCosts', 'plan_costs', 'weight_feeds',
-           'check_plan', 'set_plan', 'Sensitivity', 'sensitivity', 'Front', 'pareto_front', 'random_plan', 'line_se',
-           'budget_grid', 'mixed_precision', 'plot_sensitivity', 'plot_front', 'front_table', 'front_summary']
+           'check_plan', 'set_plan', 'Sensitivity', 'sensitivity', 'Front', 'pareto_front', 'plan_kl', 'measured_picks',
+           'random_plan', 'line_se', 'budget_grid', 'mixed_precision', 'plot_sensitivity', 'plot_front', 'front_table',
+           'front_summary']
 
 # %% ../nbs/18_mixed.ipynb #4f7f7f40
 @dataclass(frozen=True)
@@ -285,8 +286,6 @@ def sensitivity(model: QuantModel, images: Tensor, batch_size: int = 128, progre
     feeds = getattr(model, 'plan_feeds', None) if pairs is not None else [[] for _ in slots]
     if feeds is None: raise ValueError("a pair sensitivity needs the map of which weights each slot feeds: run ptmq.mixed.weight_feeds(model, x) first")
     named = dict(model.named_modules())
-    before = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)]
-    w_before = model.w_bits
     dev = next(model.parameters()).device
     kl, uni = np.zeros((len(slots), len(bits))), np.zeros(len(bits))
     top = bits[-1]
@@ -295,7 +294,7 @@ def sensitivity(model: QuantModel, images: Tensor, batch_size: int = 128, progre
         slots[k].q.idx = slots[k].q.index(a)
         if pairs is not None:
             for n in feeds[k]: named[n].wq.idx = named[n].wq.index(c[0])
-    try:
+    with kept_bits(model):
         if pairs is not None: set_plan(model, _make_plan([top] * len(slots)))
         else: set_bits(model, top)
         for i in progress_bar(range(0, len(images), batch_size), progress, desc='sensitivity', unit='batch'):
@@ -317,9 +316,6 @@ def sensitivity(model: QuantModel, images: Tensor, batch_size: int = 128, progre
                     for v in model.units[s.unit:]: h = v(h)
                     choose(k, top)
                     kl[k, j] += kl_sum(h)
-    finally:
-        for q, i in before: q.idx = i
-        model.w_bits = w_before
     return Sensitivity(bits, kl / len(images), len(images), time.perf_counter() - t0, uni / len(images))
 
 # %% ../nbs/18_mixed.ipynb #5938db97
@@ -331,11 +327,16 @@ class Front:
     choice: np.ndarray    # [P x U] index into bits per slot
     bits: tuple           # the choices: bit-widths, or (w, a) pairs
 
-    def best(self, budget: float) -> tuple[BitPlan | PairPlan, float, float]:
-        "The plan of least total sensitivity whose cost is at most `budget`: (plan, cost, sensitivity)."
+    def index(self, budget: float) -> int:
+        "The index of the point of least total sensitivity whose cost is at most `budget` (the dearest one within it)."
         i = int(np.searchsorted(self.cost, budget * (1 + 1e-12), side='right')) - 1
         if i < 0: raise ValueError(f"budget {budget:g} is below the cheapest plan's cost {self.cost[0]:g}")
-        return _make_plan(self.bits[c] for c in self.choice[i]), float(self.cost[i]), float(self.sens[i])
+        return i
+    def plan(self, i: int) -> BitPlan | PairPlan: return _make_plan(self.bits[c] for c in self.choice[i])
+    def best(self, budget: float) -> tuple[BitPlan | PairPlan, float, float]:
+        "The plan of least total sensitivity whose cost is at most `budget`: (plan, cost, sensitivity)."
+        i = self.index(budget)
+        return self.plan(i), float(self.cost[i]), float(self.sens[i])
 
 def pareto_front(cost: np.ndarray, sens: np.ndarray, bits: Sequence, const: float = 0.0) -> Front:
     "Exact Pareto front of choosing one column per row of `cost`/`sens` ([U x B]), minimising both sums (plus `const` cost)."
@@ -353,6 +354,44 @@ def pareto_front(cost: np.ndarray, sens: np.ndarray, bits: Sequence, const: floa
         C, S = c[keep], s[keep]
         choice = np.concatenate([choice[parent[keep]], opt[keep][:, None]], axis=1)
     return Front(C, S, choice, tuple(bits))
+
+# %% ../nbs/18_mixed.ipynb #8992e692
+@torch.no_grad()
+def plan_kl(model: QuantModel, plans: Sequence, images: Tensor, batch_size: int = 128, reference=None, progress: bool = False) -> np.ndarray:
+    """The measured KL of each plan's output distribution to the `reference` plan's (a plan, or a bit-width for every slot;
+    default: the highest), mean per image of `images`: the whole plan, interactions included, where `Sensitivity.total`
+    adds up slots lowered one at a time. The model's bit-widths are restored afterwards."""
+    plans = [check_plan(model, p) for p in plans]
+    if reference is None: reference = max(model.a_bits)
+    reference = check_plan(model, BitPlan.uniform(model, reference) if isinstance(reference, int) else reference)
+    dev = next(model.parameters()).device
+    kl, starts = np.zeros(len(plans)), range(0, len(images), batch_size)
+    out = lambda i: F.log_softmax(model(images[i:i + batch_size].to(dev)).float(), -1)
+    with kept_bits(model):
+        set_plan(model, reference); refs = [out(i) for i in starts]
+        for j, p in enumerate(progress_bar(plans, progress, desc='whole plans', unit='plan')):
+            set_plan(model, p)
+            kl[j] = sum(float(F.kl_div(out(i), r, log_target=True, reduction='sum')) for i, r in zip(starts, refs))
+    return kl / len(images)
+
+def _check_candidates(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"candidates must be a positive integer, got {n!r}")
+
+def measured_picks(front: Front, budgets: Sequence[float], measure, candidates: int = 40) -> list[tuple[int, float]]:
+    """Per budget (as given): (index into `front`, measured KL) of the point that measures least among the `candidates` dearest
+    points within the budget and the points picked for every lower budget. `measure(indices)` returns the measured KL of
+    those front points; each point is measured once."""
+    _check_candidates(candidates)
+    memo, picks, best = {}, {}, None
+    for b in sorted(set(budgets)):
+        i = front.index(b)
+        pool = list(range(max(0, i - candidates + 1), i + 1))
+        new = [c for c in pool if c not in memo]
+        if new: memo.update(zip(new, (float(v) for v in measure(new))))
+        if best is not None: pool.append(best)     # within this budget too: the budgets only grow
+        best = min(pool, key=lambda c: (memo[c], c))
+        picks[b] = (best, memo[best])
+    return [picks[b] for b in budgets]
 
 # %% ../nbs/18_mixed.ipynb #48d16a87
 def random_plan(cost: np.ndarray, bits: Sequence, budget: float, rng: np.random.Generator, const: float = 0.0) -> BitPlan | PairPlan:
@@ -391,14 +430,19 @@ def budget_grid(bits: Sequence[int], n: int) -> list[float]:
 
 def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequence[float], kind: str = 'avg_bits',
                     n_random: int = 5, seed: int = 0, batch_size: int = 128, progress: bool = False, uniform: bool = True,
-                    pairs: Sequence | None = None, scaled: bool = False, uniform_correct: dict | None = None) -> dict[str, Any]:
+                    pairs: Sequence | None = None, scaled: bool = False, uniform_correct: dict | None = None,
+                    select: str = 'measured', candidates: int = 40) -> dict[str, Any]:
     """Sensitivity, costs, the front's plan and random plans per budget (and the uniform plans if `uniform`), evaluated; rows and parts.
     `evaluate(model)` returns top-1 (%) or per-image correctness (`correct_per_image`); with correctness, each front row gets
     `line_se`, the paired standard error of its top-1 minus the uniform line, per cost (`avg_a_bits`, `bops`), from the uniform
     plans' correctness: evaluated here, or with `uniform=False` given as `uniform_correct` (choice -> correctness, every choice).
     With `pairs` (a weight-set model's (w, a) pairs), every plan gives each slot a pair: its activations and the weights it feeds.
-    With `scaled`, the knapsack sees `Sensitivity.scaled()`: each choice's column scaled to its uniform plan's measured KL."""
+    With `scaled`, the knapsack sees `Sensitivity.scaled()`: each choice's column scaled to its uniform plan's measured KL.
+    `select`: `sum`, each budget's plan is the front's (least summed sensitivity); `measured`, the one of least whole KL
+    (`plan_kl` on `images`) among the front's `candidates` dearest points within the budget and the lower budgets' picks."""
     if kind not in ('avg_bits', 'bops'): raise ValueError(f"unknown budget kind {kind!r}; known: avg_bits, bops")
+    if select not in ('sum', 'measured'): raise ValueError(f"unknown plan selection {select!r}; known: sum, measured")
+    _check_candidates(candidates)
     dev = next(model.parameters()).device
     bits = _pair_choices(model, pairs) if pairs is not None else tuple(sorted(model.a_bits))
     if uniform_correct is not None:
@@ -417,8 +461,14 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     alloc = sens.scaled() if scaled else sens           # what the knapsack minimises (the study keeps the measured `sens`)
     front = pareto_front(cost, alloc.kl, bits, const)
     rng = np.random.default_rng(seed)
-    before, w_before = [(q, q.idx) for q in act_quantizers(model) + weight_quantizers(model)], model.w_bits
-    rows, hits, plans, secs = [], [], {}, {'sensitivity': sens.seconds, 'front': 0.0, 'random': 0.0}
+    rows, hits, plans, secs = [], [], {}, {'sensitivity': sens.seconds, 'select': 0.0, 'front': 0.0, 'random': 0.0}
+    picks = {}
+    if select == 'measured':                            # each candidate run whole on the sensitivity images, memoised
+        t = time.perf_counter()
+        top = _make_plan([bits[-1]] * len(cost))
+        measure = lambda idx: plan_kl(model, [front.plan(i) for i in idx], images, batch_size, top, progress)
+        picks = dict(zip(budgets, measured_picks(front, [b * scale for b in budgets], measure, candidates)))
+        secs['select'] = time.perf_counter() - t
     def row(method, plan, budget):
         set_plan(model, plan)
         extra = {'avg_w_bits': round(costs.avg_w_bits(plan), 4)} if pairs is not None else {}
@@ -431,26 +481,23 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     def timed(part, *args):
         t = time.perf_counter(); r = row(*args); secs[part] += time.perf_counter() - t
         return r
-    try:
+    with kept_bits(model):
         if uniform:
             for b in bits:
                 u = _make_plan([b] * len(cost))
                 rows.append(timed('front', 'ptmq_wset', u, None) | {'w_bits': b[0], 'a_bits': b[1]} if pairs is not None else
                             timed('front', 'ptmq', u, None) | {'a_bits': b})
         for budget in progress_bar(budgets, progress, desc='mixed precision', unit='budget'):
-            plan, _, _ = front.best(budget * scale)
+            plan = front.plan(picks[budget][0]) if picks else front.best(budget * scale)[0]
             plans[f'{kind}_{budget:g}'] = plan
-            rows.append(timed('front', 'ptmq_mp', plan, budget))
+            rows.append(timed('front', 'ptmq_mp', plan, budget) | ({'measured_kl': round(picks[budget][1], 6)} if picks else {}))
             for _ in range(n_random): rows.append(timed('random', 'random_mp', random_plan(cost, bits, budget * scale, rng, const), budget))
-    finally:
-        for q, i in before: q.idx = i
-        model.w_bits = w_before
     uni = uniform_correct if uniform_correct is not None else {b: h for b, h in zip(bits, hits[:len(bits)]) if uniform and h is not None}
     if len(uni) == len(bits):                           # the front's paired standard errors against the uniform line, per cost
         ucost = {k: [(f(_make_plan([b] * len(cost))), uni[b]) for b in bits] for k, f in (('avg_a_bits', costs.avg_bits), ('bops', costs.bops))}
         for r, h in zip(rows, hits):
             if r['method'] == 'ptmq_mp' and h is not None: r['line_se'] = {k: round(line_se(r[k], u, h), 4) for k, u in ucost.items()}
-    return {'rows': rows, 'sensitivity': sens, 'scaled': scaled, 'costs': costs, 'front': front, 'plans': plans, 'kind': kind,
+    return {'rows': rows, 'sensitivity': sens, 'scaled': scaled, 'select': select, 'candidates': candidates, 'costs': costs, 'front': front, 'plans': plans, 'kind': kind,
             'seconds': {k: round(v, 1) for k, v in secs.items()}}
 
 # %% ../nbs/18_mixed.ipynb #942e8297

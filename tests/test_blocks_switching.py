@@ -5,7 +5,7 @@ from torch import nn
 import torchvision
 from torchvision.models.resnet import ResNet, Bottleneck
 from ptmq.models import create_model, CifarResNet
-from ptmq.blocks import quant_state, set_bits, freeze_bits, act_quantizers, QuantResidualBlock
+from ptmq.blocks import quant_state, set_bits, freeze_bits, act_quantizers, kept_bits, plan_slots, QuantResidualBlock
 from ptmq.arch import quantize_model
 from ptmq.recon import PTMQConfig, ptmq, round_to_nearest
 
@@ -82,6 +82,18 @@ def test_switched_model_equals_quantizers_evaluated_directly_at_b(calibrated):
             t = torch.randn(100) * 3
             from ptmq.quant import fake_quant
             assert torch.equal(q(t), fake_quant(t, q.scale[i], q.zero_point[i], 0, 2 ** b - 1))
+
+def test_kept_bits_restores_every_bit_width_even_after_an_error(calibrated):
+    qm = calibrated
+    plan = [(3, 4, 6, 8)[i % 4] for i in range(len(plan_slots(qm)))]
+    set_bits(qm, plan)
+    before = [q.idx for q in act_quantizers(qm)]
+    with kept_bits(qm): set_bits(qm, 8)
+    assert [q.idx for q in act_quantizers(qm)] == before
+    with pytest.raises(RuntimeError, match='boom'):
+        with kept_bits(qm):
+            set_bits(qm, 3); raise RuntimeError('boom')
+    assert [q.idx for q in act_quantizers(qm)] == before and [s.q.current_bits for s in plan_slots(qm)] == plan
 
 def test_set_bits_rejects_uncalibrated_bit_width(calibrated):
     with pytest.raises(ValueError, match='bit-width 5 is not calibrated'): set_bits(calibrated, 5)

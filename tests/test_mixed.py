@@ -8,7 +8,7 @@ from ptmq.models import CifarResNet
 from ptmq.recon import PTMQConfig, round_to_nearest
 from ptmq.blocks import set_bits, plan_slots, act_quantizers
 from ptmq.mixed import (BitPlan, current_plan, plan_costs, sensitivity, pareto_front, random_plan, budget_grid, mixed_precision, front_summary,
-                        Sensitivity, line_se, front_table, set_plan)
+                        Sensitivity, line_se, front_table, set_plan, plan_kl, measured_picks)
 import ptmq
 
 CFG = PTMQConfig(w_bits=4, groups={'low': [4], 'mid': [6], 'high': [8]}, head_q='pooled')   # every block output switchable: 7 slots
@@ -140,6 +140,65 @@ def test_knapsack_front_equals_brute_force(seed):
         assert s == pytest.approx(best) and total(sens, ch) == pytest.approx(s) and 1.5 + total(cost, ch) == pytest.approx(c) and c <= budget + 1e-9
     with pytest.raises(ValueError, match='below the cheapest plan'): front.best(1.5 + cost[:, 0].sum() - 0.1)
 
+def test_plan_kl_is_the_whole_plans_kl_and_agrees_with_the_sensitivity(r8):
+    x = torch.randn(24, 3, 32, 32)
+    set_bits(r8, PLAN)
+    s = sensitivity(r8, x, batch_size=10)
+    one = BitPlan((8, 8, 8, 4, 8, 8, 8))                                    # one slot lowered: the sensitivity's own measurement
+    kl = plan_kl(r8, [BitPlan.uniform(r8, 8), one, BitPlan.uniform(r8, 4), BitPlan.uniform(r8, 6), PLAN], x, batch_size=7)
+    assert current_plan(r8) == PLAN                                         # the model is left as it was
+    assert kl[0] == pytest.approx(0, abs=1e-7) and kl[1] == pytest.approx(s.kl[3, 0], rel=1e-4)
+    assert kl[2] == pytest.approx(s.uniform[0], rel=1e-4) and kl[3] == pytest.approx(s.uniform[1], rel=1e-4)
+    with torch.no_grad():                                                   # against another reference, by hand
+        ref = torch.log_softmax(set_bits(r8, 6)(x), -1); low = torch.log_softmax(set_bits(r8, PLAN)(x), -1)
+    assert plan_kl(r8, [PLAN], x, reference=6)[0] == pytest.approx(float((ref.exp() * (ref - low)).sum(-1).mean()), rel=1e-4)
+    with pytest.raises(ValueError, match='2..8|one bit-width per'): plan_kl(r8, [[4, 8]], x)
+    set_bits(r8, PLAN)
+
+@pytest.mark.parametrize('seed', range(6))
+def test_measured_picks(seed):
+    rng = np.random.default_rng(seed)
+    cost = rng.uniform(0.5, 3, (6, 3)).cumsum(1); sens = rng.uniform(0, 1, (6, 3))[:, ::-1].cumsum(1)[:, ::-1]
+    front = pareto_front(cost, sens, (4, 6, 8))
+    whole = rng.uniform(0, 1, len(front.cost))                              # a "measured" KL per front point, unrelated to the sum
+    calls = []
+    def measure(idx): calls.extend(idx); return whole[idx]
+    budgets = list(np.linspace(front.cost[0], front.cost[-1], 7)[::-1])     # any order
+    K = 3
+    picks = measured_picks(front, budgets, measure, candidates=K)
+    assert len(calls) == len(set(calls))                                    # each point measured once
+    by_budget = dict(zip(budgets, picks))
+    lower = []
+    for b in sorted(budgets):
+        i, kl = by_budget[b]
+        last = front.index(b)
+        pool = list(range(max(0, last - K + 1), last + 1)) + lower
+        assert front.cost[i] <= b * (1 + 1e-12) and kl == whole[i] and kl == min(whole[pool])
+        lower.append(i)
+    kls = [by_budget[b][1] for b in sorted(budgets)]
+    assert all(a >= c for a, c in zip(kls, kls[1:]))                       # the budgets only grow: so does the choice
+    big = measured_picks(front, budgets, lambda idx: whole[idx], candidates=len(front.cost))   # every point: the true least
+    assert all(kl == whole[:front.index(b) + 1].min() for b, (_, kl) in zip(budgets, big))
+    with pytest.raises(ValueError, match='candidates must be a positive integer'): measured_picks(front, budgets, measure, candidates=0)
+    with pytest.raises(ValueError, match='below the cheapest plan'): measured_picks(front, [front.cost[0] - 0.1], measure)
+
+def test_mixed_precision_measured_selection(r8):
+    x = torch.randn(32, 3, 32, 32)
+    agree = lambda m: 100.0
+    set_bits(r8, 6)
+    out = mixed_precision(r8, x, agree, [5.0, 7.0, 4.5], n_random=1, select='measured', candidates=5)
+    assert current_plan(r8) == BitPlan.uniform(r8, 6) and out['select'] == 'measured' and out['seconds']['select'] >= 0
+    front = [r for r in out['rows'] if r['method'] == 'ptmq_mp']
+    assert [r['budget'] for r in front] == [5.0, 7.0, 4.5] and all(r['avg_a_bits'] <= r['budget'] + 1e-9 for r in front)
+    for r in front:                                                         # the row's measured KL is its plan's, and the least of its pool
+        plan = BitPlan(tuple(r['plan']))
+        assert r['measured_kl'] == pytest.approx(plan_kl(r8, [plan], x)[0], abs=1e-6)   # rows round to 6 places
+        assert r['measured_kl'] <= plan_kl(r8, [out['front'].best(r['budget'])[0]], x)[0] + 1e-6
+    assert front[1]['measured_kl'] <= front[0]['measured_kl'] <= front[2]['measured_kl'] + 1e-9
+    assert not any('measured_kl' in r for r in mixed_precision(r8, x, agree, [5.0], n_random=0, uniform=False, select='sum')['rows'])
+    with pytest.raises(ValueError, match='unknown plan selection'): mixed_precision(r8, x, agree, [5.0], select='best')
+    with pytest.raises(ValueError, match='candidates must be'): mixed_precision(r8, x, agree, [5.0], select='measured', candidates=True)
+
 def test_random_plans_fit_and_fill_the_budget():
     rng = np.random.default_rng(0)
     cost = np.array([[1., 2, 4], [2, 3, 5], [1, 1.5, 2], [3, 4, 6]])
@@ -173,7 +232,7 @@ def test_mixed_precision_study_rows(r8):
     assert set(out['plans']) == {'avg_bits_5', 'avg_bits_7'}
     with pytest.raises(ValueError, match=r'below the cheapest plan'): mixed_precision(r8, x, agree, [3.5])
     with pytest.raises(ValueError, match='unknown budget kind'): mixed_precision(r8, x, agree, [5.0], kind='latency')
-    sc = mixed_precision(r8, x, agree, [5.0], n_random=0, uniform=False, scaled=True)
+    sc = mixed_precision(r8, x, agree, [5.0], n_random=0, uniform=False, scaled=True, select='sum')
     assert np.allclose(sc['sensitivity'].kl, out['sensitivity'].kl)       # the study keeps the measured sensitivities
     plan = BitPlan(tuple(sc['rows'][0]['plan']))                           # the knapsack saw the scaled ones
     assert sc['rows'][0]['predicted_kl'] == pytest.approx(sc['sensitivity'].scaled().total(plan), abs=1e-6)
@@ -277,6 +336,9 @@ def _raw(**kw):
     ({'random_plans': -1}, 'random_plans must be a non-negative integer'),
     ({'sensitivity_images': 0}, 'sensitivity_images must be a positive integer'),
     ({'sensitivity_from': 'test'}, 'sensitivity_from must be held_out or calibration'),
+    ({'select': 'best'}, 'select must be measured or sum'),
+    ({'candidates': 0}, 'candidates must be a positive integer'),
+    ({'candidates': 2.5}, 'candidates must be a positive integer'),
     ({'budgetz': [3]}, r"unknown key\(s\) \['budgetz'\]"),
     ('yes', 'must be a mapping')])
 def test_mixed_precision_params_errors(section, msg):
@@ -288,7 +350,9 @@ def test_mixed_precision_params():
     from ptmq.experiment import params_from_dict, ParamsError
     p = params_from_dict(_raw(mixed_precision={'budgets': 3}), check_paths=False)
     assert p.mixed_precision.budget_list((2, 3, 4)) == [2.5, 3.0, 3.5] and p.to_dict()['mixed_precision']['budgets'] == 3
-    assert params_from_dict(_raw(mixed_precision=True), check_paths=False).mixed_precision.budgets == 8
+    mp = params_from_dict(_raw(mixed_precision=True), check_paths=False).mixed_precision
+    assert mp.budgets == 8 and mp.select == 'measured' and mp.candidates == 40
+    assert params_from_dict(_raw(mixed_precision={'select': 'sum', 'candidates': 5}), check_paths=False).to_dict()['mixed_precision'].items() >= {'select': 'sum', 'candidates': 5}.items()
     assert params_from_dict(_raw(), check_paths=False).mixed_precision is None
     with pytest.raises(ParamsError, match='at least two activation bit-widths'):
         params_from_dict(_raw(mixed_precision={}, ptmq={'w_bits': 3, 'single_bits': 3}), check_paths=False)
