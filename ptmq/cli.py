@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if any(v.startswith(('failed', 'invalid')) for v in status.values()) else 0
         elif args.cmd == 'index': print(write_index(args.reports))
         elif args.cmd == 'gpu-check':
-            from ptmq.gpucheck import gpu_check, finish_gpu_check, check_plan
+            from ptmq.gpucheck import gpu_check, finish_gpu_check, gpu_check_plan
             amp = {'off': (False,), 'on': (True,), 'both': (False, True)}[args.amp]
-            out = (finish_gpu_check(args.finish, args.out, check_plan(args.models, amp, args.qdrop)) if args.finish else
+            out = (finish_gpu_check(args.finish, args.out, gpu_check_plan(args.models, amp, args.qdrop)) if args.finish else
                    gpu_check(args.models, args.out, args.images, args.iters, args.paper_iters, args.batch_size, device=args.device, amp=amp,
                              qdrop=args.qdrop))
             print((out / 'README.md').read_text())

@@ -18,7 +18,7 @@ log = logging.getLogger('ptmq')
 GROUPS = BitGroups((4,), (6,), (8,))      # the paper's W4 groups: low 4, mid 6, high 8
 
 # %% auto #0
-__all__ = ['log', 'GROUPS', 'Check', 'time_model', 'qdrop_ratios', 'check_plan', 'gpu_check', 'write_gpu_check',
+__all__ = ['log', 'GROUPS', 'Check', 'time_model', 'qdrop_ratios', 'gpu_check_plan', 'gpu_check', 'write_gpu_check',
            'finish_gpu_check', 'gpu_check_markdown']
 
 # %% ../nbs/13_gpu_check.ipynb #9b91f800
@@ -66,7 +66,7 @@ def qdrop_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 Check = tuple[str, str, bool, int | None]      # one calibration of a check: model, method, bfloat16 autocast, QDrop's bit-width
 
-def check_plan(models: Sequence[str], amp: Sequence[bool] = (False, True), qdrop: bool = True) -> list[Check]:
+def gpu_check_plan(models: Sequence[str], amp: Sequence[bool] = (False, True), qdrop: bool = True) -> list[Check]:
     "The calibrations of a check in order: per model, PTMQ (float32 and/or autocast), then QDrop once per bit-width when `qdrop` and PTMQ runs in float32."
     qdrop = qdrop and False in amp
     return [t for m in models for t in [(m, 'ptmq', a, None) for a in amp] + [(m, 'qdrop', False, b) for b in GROUPS.all_bits if qdrop]]
@@ -88,7 +88,7 @@ def gpu_check(models: Sequence[str] = ('resnet18', 'deit_small_patch16_224'), ou
         raise RuntimeError("no CUDA device here: the GPU check needs one (pass device='cpu' / --device cpu for a slow dry run)")
     for m in models: model_spec(m)          # an unknown name fails before any work
     if qdrop and False not in amp: log.info("gpu check: no float32 PTMQ run (amp on only), so no QDrop runs to compare with")
-    plan = check_plan(models, amp, qdrop)
+    plan = gpu_check_plan(models, amp, qdrop)
     log.info("gpu check: %d calibrations (%s), %d images %dx%d, %d iterations per unit, batch %d, on %s", len(plan), ', '.join(models),
              images, input_size, input_size, iters, batch_size, dev)
     if warmup:      # one-time costs (CUDA context, lazily loaded kernels, library handles) kept out of the first timed run

@@ -380,17 +380,16 @@ def _check_candidates(n) -> None:
 def measured_picks(front: Front, budgets: Sequence[float], measure, candidates: int = 40) -> list[tuple[int, float]]:
     """Per budget (as given): (index into `front`, measured KL) of the point that measures least among the `candidates` dearest
     points within the budget and the points picked for every lower budget. `measure(indices)` returns the measured KL of
-    those front points; each point is measured once."""
+    those front points; it is called once, with every candidate of every budget."""
     _check_candidates(candidates)
-    memo, picks, best = {}, {}, None
-    for b in sorted(set(budgets)):
-        i = front.index(b)
-        pool = list(range(max(0, i - candidates + 1), i + 1))
-        new = [c for c in pool if c not in memo]
-        if new: memo.update(zip(new, (float(v) for v in measure(new))))
-        if best is not None: pool.append(best)     # within this budget too: the budgets only grow
-        best = min(pool, key=lambda c: (memo[c], c))
-        picks[b] = (best, memo[best])
+    window = {b: range(max(0, front.index(b) - candidates + 1), front.index(b) + 1) for b in set(budgets)}
+    every = sorted({c for w in window.values() for c in w})
+    kl = dict(zip(every, (float(v) for v in measure(every))))
+    picks, best = {}, None
+    for b in sorted(window):
+        pool = list(window[b]) + ([best] if best is not None else [])   # an earlier pick fits this budget too: the budgets only grow
+        best = min(pool, key=lambda c: (kl[c], c))
+        picks[b] = (best, kl[best])
     return [picks[b] for b in budgets]
 
 # %% ../nbs/18_mixed.ipynb #48d16a87
@@ -463,7 +462,7 @@ def mixed_precision(model: QuantModel, images: Tensor, evaluate, budgets: Sequen
     rng = np.random.default_rng(seed)
     rows, hits, plans, secs = [], [], {}, {'sensitivity': sens.seconds, 'select': 0.0, 'front': 0.0, 'random': 0.0}
     picks = {}
-    if select == 'measured':                            # each candidate run whole on the sensitivity images, memoised
+    if select == 'measured':                            # each candidate run whole on the sensitivity images, once
         t = time.perf_counter()
         top = _make_plan([bits[-1]] * len(cost))
         measure = lambda idx: plan_kl(model, [front.plan(i) for i in idx], images, batch_size, top, progress)

@@ -34,7 +34,7 @@ def test_host_cache_gives_the_same_calibration():
     with torch.no_grad(): assert torch.equal(set_bits(a, 4)(x), set_bits(b, 4)(x))
 
 def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatch):
-    from ptmq.gpucheck import time_model, gpu_check, finish_gpu_check, check_plan
+    from ptmq.gpucheck import time_model, gpu_check, finish_gpu_check, gpu_check_plan
     from ptmq.cli import main
     r = time_model('cifar_resnet20', images=32, iters=2, paper_iters=100, batch_size=8, input_size=32, device='cpu')
     assert r['units'] == 11 and len(r['seconds_per_iter']) == 11 and all(s > 0 for s in r['seconds_per_iter'][:-1])
@@ -62,7 +62,7 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     with pytest.raises(ValueError, match='unknown method'): time_model('cifar_resnet20', method='adaround', device='cpu')
     # an interrupted check: its work folder keeps the plan and the rows measured; --finish reports what it measured and names the rest
     work = tmp_path / '.gc.running-1'; work.mkdir()
-    (work / 'plan.json').write_text(json.dumps(check_plan(['cifar_resnet20'], (False,))))
+    (work / 'plan.json').write_text(json.dumps(gpu_check_plan(['cifar_resnet20'], (False,))))
     (work / 'rows.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rec['results'][:2]))
     assert main(['gpu-check', '--finish', str(work), '--out', str(tmp_path / 'part')]) == 0      # plan.json wins over the default --models
     part = json.loads((tmp_path / 'part' / 'results.json').read_text())
@@ -72,7 +72,7 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     assert '**Interrupted:** 2 of 4 calibrations measured; not measured: cifar_resnet20 QDrop A6, cifar_resnet20 QDrop A8.' in md
     assert 'One PTMQ calibration against' not in md and f'torch {torch.__version__}' in md
     (work / 'plan.json').unlink()           # no plan kept: the one given (the command's --models/--amp/--qdrop)
-    assert json.loads((finish_gpu_check(work, tmp_path / 'p2', check_plan(['cifar_resnet20'], (False,), qdrop=False)) / 'results.json').read_text())['not_measured'] == []
+    assert json.loads((finish_gpu_check(work, tmp_path / 'p2', gpu_check_plan(['cifar_resnet20'], (False,), qdrop=False)) / 'results.json').read_text())['not_measured'] == []
     (work / 'rows.jsonl').write_text('{"model": "cifar_r\n')
     with pytest.raises(ValueError, match='line 1: not a JSON row'): finish_gpu_check(work, tmp_path / 'p3')
     (work / 'rows.jsonl').write_text('')
