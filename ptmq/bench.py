@@ -17,8 +17,8 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'LOW_BIAS_RULE', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash',
-           'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs',
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec',
+           'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs',
            'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
@@ -30,8 +30,15 @@ class Method:
     overrides: dict = field(default_factory=dict)
     about: str = ''
     iters_scale: float = 1.0                # a multi-bit method's iterations: `benchmark.multi_iters` times this (a method whose step costs less runs more)
+    on: dict = field(default_factory=lambda: dict(PAPER_STEP))   # what `overrides` switch from: the paper's step, whatever the package default
 
-LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule
+    @property
+    def switches(self) -> dict:
+        "Every config field the method sets: its base step, then its own overrides."
+        return {**self.on, **self.overrides}
+
+PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none'}   # the package default until 2026-12-04; QDrop's official rates
+LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule: the package default since 2026-12-04
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -40,7 +47,8 @@ METHODS: dict[str, Method] = {
                     "one calibration per bit-width; the unit's input and every activation quantizer inside it float with p = 0.5"),
     'qdrop_input_only': Method('QDrop, input drop only', 'single', {'drop_prob': 0.5, 'block_drop': False},
                                "QDrop without the drop inside the unit: only its input mixes float and quantized elements (ptmq's QDrop before)"),
-    'ptmq': Method('PTMQ', 'multi', {}, "one calibration for all bit-widths with ptmq's defaults: each pass on its own float-dropped input, GD-Loss"),
+    'ptmq': Method('PTMQ, three passes per step', 'multi', {}, "one calibration for all bit-widths with the paper's step: the low, mid and high passes "
+                   "every step, each on its own float-dropped input, GD-Loss, QDrop's learning rates (ptmq's default until 2026-12-04)"),
     'ptmq_no_mfm': Method('PTMQ, no MFM', 'multi', {'mfm': 'none'}, 'each pass gets its own bit-width input (float-dropped), no mixing'),
     'ptmq_paper_mfm': Method("PTMQ, paper's MFM", 'multi', {'mfm': 'mix'},
                              "the paper's mixer: every pass gets the same input, the lambda-mix of the low/mid/high features, float-dropped"),
@@ -120,7 +128,7 @@ class Run:
         "The PTMQ config of this run: `base` with the method's switches, the setting's bits (or pairs) and the seed."
         m = METHODS[self.method]
         cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs,
-                                  **({'bit_bias': 'none'} if m.kind == 'single' else {}), **m.overrides)   # one bit-width: nothing to shift
+                                  **{**m.switches, **({'bit_bias': 'none'} if m.kind == 'single' else {})})   # one bit-width: nothing to shift
         if self.iters is not None: cfg = dataclasses.replace(cfg, iters=self.iters)
         elif m.iters_scale != 1: cfg = dataclasses.replace(cfg, iters=round(cfg.iters * m.iters_scale))   # no multi_iters: the base's, scaled
         return dataclasses.replace(cfg, iters=0) if m.kind == 'rtn' else cfg

@@ -38,20 +38,20 @@ class PTMQConfig:
     head_q: str = 'last'
     iters: int = 20000
     batch_size: int = 32
-    lr_alpha: float = 1e-3
-    lr_act: float = 4e-5
+    lr_alpha: float = 4e-3
+    lr_act: float = 4e-4
     lambda_r: float = 0.01
     beta: tuple[float, float] = (20.0, 2.0)
     warmup: float = 0.2
     mfm: str = 'none'
-    mix_lambdas: tuple[float, float, float] = (1/3, 1/3, 1/3)
+    mix_lambdas: tuple[float, float, float] = (0.5, 0.25, 0.25)
     drop_prob: float = 0.5
     block_drop: bool | list[str] | None = None
     gd_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     gd_fp: str = 'mix'
     detach_teacher: bool = True
-    step_passes: str = 'all'
-    bit_bias: str = 'none'
+    step_passes: str = 'one'
+    bit_bias: str = 'lower'
     lr_bias: float = 4e-4
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
@@ -89,8 +89,8 @@ class PTMQConfig:
         if self.step_passes not in STEP_PASSES: raise ValueError(f"step_passes must be one of {STEP_PASSES}, got {self.step_passes!r}")
         if self.head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {self.head_q!r}")
         if self.bit_bias not in BIT_BIAS: raise ValueError(f"bit_bias must be one of {BIT_BIAS}, got {self.bit_bias!r}")
-        if self.bit_bias != 'none' and self.single_bits is not None:
-            raise ValueError("bit_bias gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch")
+        if self.bit_bias == 'all' and self.single_bits is not None:     # 'lower' has no lower bit-width to shift there: it adds nothing
+            raise ValueError("bit_bias='all' gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch (use 'none')")
         if not self.lr_bias > 0: raise ValueError(f"lr_bias must be > 0, got {self.lr_bias!r}")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if isinstance(self.block_drop, (list, tuple)):
@@ -129,6 +129,11 @@ class PTMQConfig:
     def passes(self) -> list:
         "What one cached input per pass is keyed by: the (w, a) pairs when `pairs` is set, else the activation bit-widths."
         return list(self.pairs.pairs) if self.pairs is not None else list(self.a_bits)
+
+    @property
+    def shifts(self) -> str:
+        "The shifts per bit-width this calibration builds and trains: `bit_bias`, but 'none' for a single-bit run, which has no lower bit-width to shift."
+        return 'none' if self.single_bits is not None and self.bit_bias == 'lower' else self.bit_bias
 
     @property
     def drop_in_block(self) -> float:
@@ -357,7 +362,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     missing = set(cfg.w_set) - set(qmodel.w_set)
     if missing: raise ValueError(f"model has no steps for weight bit-widths {sorted(missing)}; it was built for {qmodel.w_set}")
     built = getattr(qmodel.spec, 'bit_bias', 'none')
-    if built != cfg.bit_bias: raise ValueError(f"the config asks bit_bias={cfg.bit_bias!r}, the model was built with {built!r} (quantize_model(..., bit_bias=...))")
+    if built != cfg.shifts: raise ValueError(f"the config asks bit_bias={cfg.shifts!r}, the model was built with {built!r} (quantize_model(..., bit_bias=...))")
     dev = cfg.resolved_device()
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())   # named as its tensors are ('cuda:0'): device comparisons hold
     qmodel.to(dev).eval().requires_grad_(False)
@@ -400,7 +405,7 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_set, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.bit_bias,
+                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.shifts,
                         device=cfg.resolved_device())      # the weight observers where the calibration runs (ResNet-18's: ~5 min on 2 CPU cores)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)

@@ -19,7 +19,7 @@ def _vit():
 
 def _shifts(m): return [b for b in m.modules() if isinstance(b, BitBias)]
 
-def _cfg(**kw): return PTMQConfig(w_bits=4, groups={'low': [3], 'mid': [4], 'high': [8]}, observe_images=8, observer='minmax', a_observer='minmax', **kw)
+def _cfg(bit_bias='none', **kw): return PTMQConfig(w_bits=4, groups={'low': [3], 'mid': [4], 'high': [8]}, observe_images=8, observer='minmax', a_observer='minmax', bit_bias=bit_bias, **kw)
 
 def _pair(build, rows='lower', shifts=True, seed=0):
     "The same float model at round-to-nearest without and with shifts (equal quantizers); the shifts random if `shifts`."
@@ -131,7 +131,8 @@ def test_calibration_trains_the_lower_rows_only_and_is_deterministic():
 
 def test_bit_bias_errors():
     with pytest.raises(ValueError, match="bit_bias must be one of"): PTMQConfig(bit_bias='some')
-    with pytest.raises(ValueError, match='single-bit calibration'): PTMQConfig(bit_bias='lower', single_bits=4)
+    with pytest.raises(ValueError, match='single-bit calibration'): PTMQConfig(bit_bias='all', single_bits=4)
+    assert PTMQConfig(single_bits=4).bit_bias == 'lower' and not _shifts(quantize_model(CifarResNet(8), 4, (4,), bit_bias='lower'))   # the default: no lower bit-width, no shift
     with pytest.raises(ValueError, match='lr_bias must be > 0'): PTMQConfig(lr_bias=0.0)
     with pytest.raises(ValueError, match="bit_bias must be one of"): quantize_model(CifarResNet(8), 4, BITS, bit_bias='yes')
     qm = quantize_model(CifarResNet(8), 4, BITS)

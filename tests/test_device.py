@@ -49,7 +49,7 @@ def test_gpu_check_tiny_on_cpu_and_clear_error_without_cuda(tmp_path, monkeypatc
     assert c['ratio'] == pytest.approx(rec['results'][0]['measured_seconds'] / c['qdrop_seconds'], abs=2e-3)
     assert c['paper_ratio'] == pytest.approx(rec['results'][0]['extrapolated_seconds'] / sum(r['extrapolated_seconds'] for r in rec['results'][1:]), abs=2e-3)
     md = (out / 'README.md').read_text()
-    assert '| cifar_resnet20 | PTMQ | cpu | 11 |' in md and '| cifar_resnet20 | QDrop | cpu | 11 |' in md and f"**{c['ratio']:.2f}**" in md
+    assert '| cifar_resnet20 | PTMQ, three passes per step | cpu | 11 |' in md and '| cifar_resnet20 | QDrop | cpu | 11 |' in md and f"**{c['ratio']:.2f}**" in md
     # the index lists the GPU check in its own section beside the experiments, and leaves out a record it does not know
     shutil.copytree(REPO / 'reports' / 'default_digits_resnet8_w3', tmp_path / 'default_digits_resnet8_w3', ignore=shutil.ignore_patterns('*.html', '*.ipynb'))
     (tmp_path / 'odd').mkdir(); (tmp_path / 'odd' / 'results.json').write_text('{"hello": 1}')
@@ -119,7 +119,7 @@ def test_amp_runs_the_loop_passes_in_bfloat16_only():
     torch.manual_seed(0)
     fp = create_model('cifar_resnet20', pretrained=False)
     calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cfg = PTMQConfig(iters=3, batch_size=8, observe_images=16, amp=True)
+    cfg = PTMQConfig(iters=3, batch_size=8, observe_images=16, amp=True, step_passes='all', bit_bias='none')   # three passes a step, counted below
     qm = quantize_model(fp, cfg.w_bits, cfg.a_bits)
     seen = []
     qm.units[2].body[0].out_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
