@@ -4,7 +4,7 @@ import dataclasses, json, math, statistics
 from pathlib import Path
 import pytest, torch, yaml
 from conftest import REPO
-from ptmq.bench import METHODS, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
+from ptmq.bench import METHODS, PAPER_STEP, LOW_BIAS_RULE, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
 from ptmq.experiment import load_params, ParamsError
 from ptmq.mfm import BitGroups
 from ptmq.recon import PTMQConfig
@@ -351,14 +351,14 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
     assert all((x.step_passes, x.bit_bias, x.lr_alpha) == ('all', 'none', 1e-3) for x in by['ptmq'])   # 'ptmq': the paper's three-pass step
 
 def test_methods_switch_from_the_papers_step_not_from_the_package_default():
-    "The package default moved to issue 14's rule; every method keeps the meaning its reports were made with."
-    d, g = PTMQConfig(iters=50), BitGroups((4,), (6,), (8,))
-    assert (d.step_passes, d.lr_alpha, d.lr_act, d.mix_lambdas, d.bit_bias) == ('one', 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower')
+    "Whatever the package default or the base config says about the step, every method keeps the meaning its reports were made with."
     step = lambda c: (c.step_passes, c.lr_alpha, c.lr_act, c.mix_lambdas, c.bit_bias)
+    assert step(PTMQConfig()) == tuple(PAPER_STEP.values())                  # today the package default IS the paper's step
+    d, g = PTMQConfig(iters=50, **LOW_BIAS_RULE), BitGroups((4,), (6,), (8,))    # a base (or a future default) with the rule
     assert step(Run('ptmq', 4, g, 0).config(d)) == ('all', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
     assert step(Run('ptmq_one_pass', 4, g, 0).config(d)) == ('one', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
     assert step(Run('ptmq_mfm_low', 4, g, 0).config(d))[3] == (0.6, 0.2, 0.2)
-    assert step(Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d)) == step(d)       # the rule is the default now
+    assert step(Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d)) == step(d)
     assert Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d).iters == 100
     for m in ('qdrop', 'brecq'): assert step(Run(m, 4, g, 0, 4).config(d))[1:] == (1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
 

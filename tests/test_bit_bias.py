@@ -132,7 +132,9 @@ def test_calibration_trains_the_lower_rows_only_and_is_deterministic():
 def test_bit_bias_errors():
     with pytest.raises(ValueError, match="bit_bias must be one of"): PTMQConfig(bit_bias='some')
     with pytest.raises(ValueError, match='single-bit calibration'): PTMQConfig(bit_bias='all', single_bits=4)
-    assert PTMQConfig(single_bits=4).bit_bias == 'lower' and not _shifts(quantize_model(CifarResNet(8), 4, (4,), bit_bias='lower'))   # the default: no lower bit-width, no shift
+    assert PTMQConfig(single_bits=4, bit_bias='lower').shifts == 'none' and not _shifts(quantize_model(CifarResNet(8), 4, (4,), bit_bias='lower'))   # no lower bit-width, no shift
+    one = PTMQConfig(iters=0, groups={'low': [3], 'mid': [4], 'high': [8]}, single_bits=4, bit_bias='lower', observe_images=4)
+    assert calibrate(quantize_model(CifarResNet(8), 4, (4,)), torch.randn(4, 3, 32, 32), one, progress=False).images == 4   # accepted on a model without shifts
     with pytest.raises(ValueError, match='lr_bias must be > 0'): PTMQConfig(lr_bias=0.0)
     with pytest.raises(ValueError, match="bit_bias must be one of"): quantize_model(CifarResNet(8), 4, BITS, bit_bias='yes')
     qm = quantize_model(CifarResNet(8), 4, BITS)

@@ -119,7 +119,7 @@ def test_amp_runs_the_loop_passes_in_bfloat16_only():
     torch.manual_seed(0)
     fp = create_model('cifar_resnet20', pretrained=False)
     calib = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    cfg = PTMQConfig(iters=3, batch_size=8, observe_images=16, amp=True, step_passes='all', bit_bias='none')   # three passes a step, counted below
+    cfg = PTMQConfig(iters=3, batch_size=8, observe_images=16, amp=True)
     qm = quantize_model(fp, cfg.w_bits, cfg.a_bits)
     seen = []
     qm.units[2].body[0].out_q.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))

@@ -93,11 +93,11 @@ def test_one_pass_calibration_runs_and_is_deterministic():
     hist = a.calibration.history
     assert all(math.isfinite(h['gd_fp']) for h in hist)
     assert any(math.isnan(h['gd_h_m']) for h in hist)              # steps that did not train the mid pass log no distillation to it
-    assert ptmq(fp, calib, PTMQConfig(w_bits=4, groups=GROUPS, iters=6, batch_size=4, observe_images=8), progress=False).config.step_passes == 'one'   # the default since issue 14
+    assert ptmq(fp, calib, PTMQConfig(w_bits=4, groups=GROUPS, iters=6, batch_size=4, observe_images=8), progress=False).config.step_passes == 'all'
 
 
 def test_step_passes_is_validated():
-    assert STEP_PASSES == ('all', 'one') and PTMQConfig().step_passes == 'one'
+    assert STEP_PASSES == ('all', 'one') and PTMQConfig().step_passes == 'all'
     with pytest.raises(ValueError, match=r"step_passes must be one of \('all', 'one'\), got 'two'"): PTMQConfig(step_passes='two')
     assert PTMQConfig.from_dict({'step_passes': 'one'}).to_dict()['step_passes'] == 'one'
 
