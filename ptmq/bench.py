@@ -37,8 +37,8 @@ class Method:
         "Every config field the method sets: its base step, then its own overrides."
         return {**self.on, **self.overrides}
 
-PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none'}   # the package default until 2026-12-04; QDrop's official rates
-LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule: the package default since 2026-12-04
+PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none'}   # the paper's step with QDrop's official rates: the package default
+LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule (the default for a day, 2026-12-04: nbs/12 says why not)
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
