@@ -48,7 +48,7 @@ METHODS: dict[str, Method] = {
     'qdrop_input_only': Method('QDrop, input drop only', 'single', {'drop_prob': 0.5, 'block_drop': False},
                                "QDrop without the drop inside the unit: only its input mixes float and quantized elements (ptmq's QDrop before)"),
     'ptmq': Method('PTMQ, three passes per step', 'multi', {}, "one calibration for all bit-widths with the paper's step: the low, mid and high passes "
-                   "every step, each on its own float-dropped input, GD-Loss, QDrop's learning rates (ptmq's default until 2026-12-04)"),
+                   "every step, each on its own float-dropped input, GD-Loss, QDrop's learning rates (ptmq's default)"),
     'ptmq_no_mfm': Method('PTMQ, no MFM', 'multi', {'mfm': 'none'}, 'each pass gets its own bit-width input (float-dropped), no mixing'),
     'ptmq_paper_mfm': Method("PTMQ, paper's MFM", 'multi', {'mfm': 'mix'},
                              "the paper's mixer: every pass gets the same input, the lambda-mix of the low/mid/high features, float-dropped"),
