@@ -30,12 +30,11 @@ class Method:
     overrides: dict = field(default_factory=dict)
     about: str = ''
     iters_scale: float = 1.0                # a multi-bit method's iterations: `benchmark.multi_iters` times this (a method whose step costs less runs more)
-    on: dict = field(default_factory=lambda: dict(PAPER_STEP))   # what `overrides` switch from: the paper's step, whatever the package default
 
     @property
     def switches(self) -> dict:
-        "Every config field the method sets: its base step, then its own overrides."
-        return {**self.on, **self.overrides}
+        "Every config field the method sets: the paper's step (`PAPER_STEP`, whatever the package default), then its own overrides."
+        return {**PAPER_STEP, **self.overrides}
 
 PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none'}   # the paper's step with QDrop's official rates: the package default
 LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule (the default for a day, 2026-12-04: nbs/12 says why not)
@@ -128,7 +127,7 @@ class Run:
         "The PTMQ config of this run: `base` with the method's switches, the setting's bits (or pairs) and the seed."
         m = METHODS[self.method]
         cfg = dataclasses.replace(base, w_bits=self.w_bits, groups=self.groups, seed=self.seed, single_bits=self.single_bits, pairs=self.pairs,
-                                  **{**m.switches, **({'bit_bias': 'none'} if m.kind == 'single' else {})})   # one bit-width: nothing to shift
+                                  **m.switches)     # a single-bit method keeps PAPER_STEP's bit_bias 'none': one bit-width, nothing to shift
         if self.iters is not None: cfg = dataclasses.replace(cfg, iters=self.iters)
         elif m.iters_scale != 1: cfg = dataclasses.replace(cfg, iters=round(cfg.iters * m.iters_scale))   # no multi_iters: the base's, scaled
         return dataclasses.replace(cfg, iters=0) if m.kind == 'rtn' else cfg
