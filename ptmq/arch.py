@@ -229,11 +229,11 @@ def register_architecture(name: str, matches, units: Callable, config: Callable,
 def quantize_model(model: nn.Module, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8,
                    head_a_bits: int = 8, observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True,
                    arch: str | Architecture | None = None, registry: Architectures | None = None, head_q: str = 'last',
-                   w_rounding: str = 'per_bit', bit_bias: str = 'none', device: str | torch.device | None = None) -> QuantModel:
-    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths; `bit_bias`: shifts per bit-width (`BitBias`); `device`: where the copy goes before its weight observers search (default: where `model` is)."
+                   w_rounding: str = 'per_bit', bit_bias: str = 'none', device: str | torch.device | None = None, bit_gain: bool = False) -> QuantModel:
+    "Fold BN and wrap a float model of a registered architecture into a multi-bit `QuantModel` (the float model is left as it is); `w_bits` may be a set of weight bit-widths; `bit_bias`: shifts per bit-width (`BitBias`), `bit_gain`: with gains; `device`: where the copy goes before its weight observers search (default: where `model` is)."
     registry = registry if registry is not None else ARCHITECTURES
     a = arch if isinstance(arch, Architecture) else (registry.find(model) if arch is None else registry[arch])
-    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q, w_rounding, bit_bias)
+    s = QuantSpec(w_bits, a_bits, first_last_w_bits, head_a_bits, observer, p, quant_attn_matmul, head_q, w_rounding, bit_bias, bit_gain)
     model = copy.deepcopy(model).eval()     # units reuse its modules (norms, pools, linears): never share them with the caller
     if device is not None: model.to(device)  # the weight observers' search (QDrop's, over steps and zero points) is the setup's cost
     try: config, why = a.config(model), None
@@ -248,7 +248,7 @@ def rebuild(arch: str, config: dict, spec: dict, device: str | torch.device = 'c
     a = (registry if registry is not None else ARCHITECTURES)[arch]
     s = {k: spec[k] for k in ('w_bits', 'a_bits', 'first_last_w_bits', 'head_a_bits', 'quant_attn_matmul')}
     s['head_q'] = spec.get('head_q', 'pooled')      # files written before head_q existed were all 'pooled'
-    s['bit_bias'] = spec.get('bit_bias', 'none')
+    s['bit_bias'], s['bit_gain'] = spec.get('bit_bias', 'none'), bool(spec.get('bit_gain', False))
     with torch.device(device):
         float_model = a.build(config)
         return quantize_model(float_model, **s, observer='minmax', arch=a)   # minmax: values are replaced anyway
@@ -261,7 +261,7 @@ def structure(model: nn.Module) -> list[tuple]:
     for name, m in model.named_modules():
         if isinstance(m, ActQuantizer): info = {'bits': m.bits, 'switchable': m.switchable}
         elif isinstance(m, WeightQuantizer): info = {'bits': m.bit_set, 'switchable': m.switchable, 'shape': tuple(m.scales.shape)}
-        elif isinstance(m, BitBias): info = {'bits': m.bits, 'rows': m.rows, 'dim': m.dim, 'linked': m.src is not None}
+        elif isinstance(m, BitBias): info = {'bits': m.bits, 'rows': m.rows, 'dim': m.dim, 'linked': m.src is not None, 'gain': m.gain is not None}
         else: info = {k: v for k, v in vars(m).items() if not k.startswith('_') and k not in ('training', 'arch_config_error', 'calibration', 'config', 'plans', 'sensitivity', 'metadata', 'w_bits')
                       and (isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))}
         out.append((name, type(m).__qualname__, tuple(sorted(info.items()))))

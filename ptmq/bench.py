@@ -17,9 +17,10 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec',
-           'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs',
-           'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading', 'row_reading']
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting',
+           'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize',
+           'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading',
+           'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -36,8 +37,11 @@ class Method:
         "Every config field the method sets: the paper's step (`PAPER_STEP`, whatever the package default), then its own overrides."
         return {**PAPER_STEP, **self.overrides}
 
-PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none'}   # the paper's step with QDrop's official rates: the package default
+PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none',
+              'bit_gain': False, 'stage2_share': 0.0}   # the paper's step with QDrop's official rates: the package default
 LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule (the default for a day, 2026-12-04: nbs/12 says why not)
+TWO_STAGE_GAIN = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.0, 0.0, 1.0), 'bit_bias': 'lower', 'bit_gain': True,
+                  'lr_bias': 4e-3, 'stage2_share': 0.5}   # issue 14's two stages: the rounding on the high pass, then shifts and gains per lower bit-width
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -90,6 +94,11 @@ METHODS: dict[str, Method] = {
                                                   {**LOW_BIAS_RULE, 'block_drop': ['high']},
                                                   "as ptmq_one_pass_low_bias_2x, with QDrop's drop inside the unit in the high pass only "
                                                   '(trained or run as the teacher); the low and mid passes quantize plainly', iters_scale=2.0),
+    'ptmq_two_stage_gain': Method('PTMQ, two stages: the rounding on the high pass, then shifts and gains per lower bit-width', 'multi', TWO_STAGE_GAIN,
+                                  'per unit, half the iterations train the rounding and the activation steps on the high pass alone (one pass per step, '
+                                  'rounding lr 4e-3, activation lr 4e-4); then the rounding is fixed and the other half train the activation steps and a '
+                                  'per-channel shift and gain per lower bit-width (Adam 4e-3) on the low and mid passes (drawn half each); 2x multi_iters '
+                                  'in all', iters_scale=2.0),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

@@ -53,12 +53,13 @@ class QuantLayer(nn.Module):
 BIT_BIAS = ('none', 'lower', 'all')
 
 class BitBias(nn.Module):
-    "A per-channel shift of a layer's output, one row per activation bit-width, chosen by its source quantizer; `src=None`: one fixed row."
-    def __init__(self, bits: Sequence[int], channels: int, dim: int = 1, rows: str = 'lower'):
+    "A per-channel shift of a layer's output (`gain`: and a per-channel gain, `x * (1 + g) + shift`), one row per activation bit-width, chosen by its source quantizer; `src=None`: one fixed row."
+    def __init__(self, bits: Sequence[int], channels: int, dim: int = 1, rows: str = 'lower', gain: bool = False):
         super().__init__()
         if rows not in BIT_BIAS[1:]: raise ValueError(f"rows must be 'lower' or 'all', got {rows!r}")
         self.bits, self.rows, self.dim = tuple(int(b) for b in bits), rows, dim
         self.delta = nn.Parameter(torch.zeros(len(self.bits), channels))
+        self.gain = nn.Parameter(torch.zeros(len(self.bits), channels)) if gain else None    # g, from zero: the layer's own scale at the start
         mask = torch.ones(len(self.bits), 1)
         if rows == 'lower': mask[self.bits.index(max(self.bits))] = 0.0     # the highest bit-width: no shift, ever (no gradient either)
         self.register_buffer('mask', mask)
@@ -73,24 +74,32 @@ class BitBias(nn.Module):
 
     def frozen(self, bits: int) -> 'BitBias':
         "A copy holding only the row of `bits`, with no source: always that shift (a single-bit or exported copy)."
-        out = BitBias((bits,), self.delta.shape[1], self.dim, 'all')
+        out = BitBias((bits,), self.delta.shape[1], self.dim, 'all', gain=self.gain is not None)
         i = self.bits.index(bits)
         out.delta.data[0] = (self.delta[i] * self.mask[i]).detach()
+        if self.gain is not None: out.gain.data[0] = (self.gain[i] * self.mask[i]).detach()
         return out.requires_grad_(self.delta.requires_grad)
+
+    def params(self) -> list[nn.Parameter]:
+        "What a calibration trains: the shifts, and the gains when there are."
+        return [self.delta] + ([self.gain] if self.gain is not None else [])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.src is not None and not self.src.enabled: return x      # the float model has no shift
         i = 0 if self.src is None else self.src.idx
         d, shape = self.delta * self.mask, [1] * x.dim()
+        g = None if self.gain is None else self.gain * self.mask
         shape[self.dim % x.dim()] = -1
-        if isinstance(i, int): return x + d[i].view(shape)
+        if isinstance(i, int): return (x if g is None else x * (1 + g[i].view(shape))) + d[i].view(shape)
         key = (i, x.device)                           # a batched pass: the batch holds len(i) groups, one per bit-width
         if key not in self._idx_tensors: self._idx_tensors[key] = torch.tensor(i, device=x.device)
-        return (x.reshape(len(i), -1, *x.shape[1:]) + d[self._idx_tensors[key]].view(len(i), *shape)).reshape(x.shape)
+        t, xb = self._idx_tensors[key], x.reshape(len(i), -1, *x.shape[1:])
+        if g is not None: xb = xb * (1 + g[t].view(len(i), *shape))
+        return (xb + d[t].view(len(i), *shape)).reshape(x.shape)
 
     def extra_repr(self) -> str:
         follows = 'fixed' if self.src is None else f'current={self.src.current_bits}'
-        return f"bits={self.bits}, rows={self.rows}, channels={self.delta.shape[1]}, {follows}"
+        return f"bits={self.bits}, rows={self.rows}, channels={self.delta.shape[1]}{', gain' if self.gain is not None else ''}, {follows}"
 
 def link_bit_biases(units: Sequence[nn.Module]) -> None:
     "Link every `BitBias` of each unit to the unit's first switchable activation quantizer; a unit with none loses its shifts."
@@ -163,15 +172,16 @@ class QuantSpec:
     """Factory of the quantizers of one model: weight bit-width, activation bit-widths, first/last layer settings, observer.
     `head_q='last'` (QDrop's setting) holds the last activation quantizer before the classifier at `head_a_bits`;
     `'pooled'` (stricter) quantizes every unit's output at the model's bit-widths and the pooled classifier input at `head_a_bits`.
-    `bit_bias` (`'lower'`, `'all'`): a `BitBias` on every layer with switchable weights (not the first and last layers)."""
+    `bit_bias` (`'lower'`, `'all'`): a `BitBias` on every layer with switchable weights (not the first and last layers); `bit_gain`: with a gain beside each shift."""
     def __init__(self, w_bits: int | Sequence[int], a_bits: Sequence[int], first_last_w_bits: int = 8, head_a_bits: int = 8,
                  observer: str = 'mse', p: float = 2.0, quant_attn_matmul: bool = True, head_q: str = 'last', w_rounding: str = 'per_bit',
-                 bit_bias: str = 'none'):
+                 bit_bias: str = 'none', bit_gain: bool = False):
         if head_q not in HEAD_QUANT: raise ValueError(f"head_q must be one of {HEAD_QUANT}, got {head_q!r}")
         if bit_bias not in BIT_BIAS: raise ValueError(f"bit_bias must be one of {BIT_BIAS}, got {bit_bias!r}")
+        if bit_gain and bit_bias == 'none': raise ValueError("bit_gain adds a gain beside each shift: it needs bit_bias 'lower' or 'all'")
         self.w_set, self.a_bits, self.first_last_w_bits, self.head_a_bits = weight_set(w_bits), tuple(sorted(a_bits)), first_last_w_bits, head_a_bits
         self.observer, self.p, self.quant_attn_matmul, self.head_q, self.w_rounding = observer, p, quant_attn_matmul, head_q, w_rounding
-        self.bit_bias = bit_bias
+        self.bit_bias, self.bit_gain = bit_bias, bool(bit_gain)
     @property
     def w_bits(self) -> int | tuple[int, ...]:
         "The model's weight bit-width, or its set of weight bit-widths (a tuple) when it switches weights."
@@ -181,7 +191,7 @@ class QuantSpec:
         "The `BitBias` of a layer with switchable weights, or None (none asked for, or one bit-width with `'lower'`: nothing to shift)."
         if self.bit_bias == 'none' or (self.bit_bias == 'lower' and len(self.a_bits) < 2): return None
         return BitBias(self.a_bits, layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features,
-                       1 if isinstance(layer, nn.Conv2d) else -1, self.bit_bias)
+                       1 if isinstance(layer, nn.Conv2d) else -1, self.bit_bias, self.bit_gain)
     def layer(self, conv, bn=None, act=None, out_q: bool = False, w_bits: int | None = None) -> QuantLayer:
         "A QuantLayer of `conv` with `bn` folded in, `act` merged, and an output quantizer if `out_q`; `w_bits` given: a fixed weight bit-width (first/last layers)."
         conv = fold_bn(conv, bn) if isinstance(conv, nn.Conv2d) else conv
@@ -194,7 +204,7 @@ class QuantSpec:
         "What a saved model needs to rebuild its quantizers (the observer and the weight rounding rule only set initial values, so they are not needed)."
         return {'w_bits': list(self.w_set) if len(self.w_set) > 1 else self.w_set[0], 'a_bits': list(self.a_bits), 'first_last_w_bits': self.first_last_w_bits,
                 'head_a_bits': self.head_a_bits, 'quant_attn_matmul': self.quant_attn_matmul, 'head_q': self.head_q,
-                **({'bit_bias': self.bit_bias} if self.bit_bias != 'none' else {})}
+                **({'bit_bias': self.bit_bias} if self.bit_bias != 'none' else {}), **({'bit_gain': True} if self.bit_gain else {})}
     def head(self, fc: nn.Linear, pool: nn.Module | None = None) -> QuantHead:
         return QuantHead(QuantLayer(fc, self.first_last_w_bits, in_q=ActQuantizer((self.head_a_bits,), switchable=False),
                                     observer=self.observer, p=self.p, w_switchable=False), pool)

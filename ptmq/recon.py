@@ -53,6 +53,9 @@ class PTMQConfig:
     step_passes: str = 'all'
     bit_bias: str = 'none'
     lr_bias: float = 4e-4
+    bit_gain: bool = False
+    stage2_share: float = 0.0
+    stage2_lambdas: tuple[float, float, float] = (0.5, 0.5, 0.0)
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
     observer_p: float = 2.4
@@ -92,6 +95,13 @@ class PTMQConfig:
         if self.bit_bias == 'all' and self.single_bits is not None:     # 'lower' has no lower bit-width to shift there: it adds nothing
             raise ValueError("bit_bias='all' gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch (use 'none')")
         if not self.lr_bias > 0: raise ValueError(f"lr_bias must be > 0, got {self.lr_bias!r}")
+        if not isinstance(self.bit_gain, bool): raise ValueError(f"bit_gain must be true or false, got {self.bit_gain!r}")
+        if self.bit_gain and self.bit_bias == 'none': raise ValueError("bit_gain adds a gain beside each shift: it needs bit_bias 'lower' or 'all'")
+        if not isinstance(self.stage2_share, (int, float)) or not 0 <= self.stage2_share < 1:
+            raise ValueError(f"stage2_share must be a number in [0, 1), got {self.stage2_share!r}")
+        if self.stage2_share > 0 and (self.step_passes != 'one' or self.single_bits is not None or self.pairs is not None):
+            raise ValueError("stage2_share (a second stage with the rounding fixed) is for a multi-bit calibration over groups with "
+                             "step_passes='one': the stage-2 draw (stage2_lambdas) picks the pass each step trains")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if isinstance(self.block_drop, (list, tuple)):
             if not self.block_drop or not set(self.block_drop) <= set(PASS_NAMES) or len(set(self.block_drop)) < len(self.block_drop):
@@ -110,9 +120,10 @@ class PTMQConfig:
         if self.cache not in ('auto', 'device', 'host'): raise ValueError(f"cache must be auto, device or host, got {self.cache!r}")
         if self.device not in ('auto', 'cpu') and not self.device.startswith('cuda'): raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.beta, self.gd_weights = tuple(self.beta), tuple(self.gd_weights)
-        try: self.mix_lambdas = tuple(float(l) for l in self.mix_lambdas)   # YAML's [0, 0, 1] is ints: the one-pass draw needs floats
-        except (TypeError, ValueError): raise ValueError(f"mix_lambdas must be 3 numbers, got {self.mix_lambdas!r}") from None
-        MultiBitFeatureMixer(self.mix_lambdas, self.drop_prob, self.mfm)  # validates lambdas and p
+        for name in ('mix_lambdas', 'stage2_lambdas'):     # YAML's [0, 0, 1] is ints: the one-pass draw needs floats
+            try: setattr(self, name, tuple(float(l) for l in getattr(self, name)))
+            except (TypeError, ValueError): raise ValueError(f"{name} must be 3 numbers, got {getattr(self, name)!r}") from None
+            MultiBitFeatureMixer(getattr(self, name), self.drop_prob, self.mfm)  # validates lambdas and p
 
     @property
     def a_bits(self) -> tuple[int, ...]:
@@ -134,6 +145,18 @@ class PTMQConfig:
     def shifts(self) -> str:
         "The shifts per bit-width this calibration builds and trains: `bit_bias`, but 'none' for a single-bit run, which has no lower bit-width to shift."
         return 'none' if self.single_bits is not None and self.bit_bias == 'lower' else self.bit_bias
+
+    @property
+    def gains(self) -> bool:
+        "Whether the shifts this calibration builds carry gains (`bit_gain`, where there are shifts)."
+        return self.bit_gain and self.shifts != 'none'
+
+    def stages(self) -> tuple['PTMQConfig', 'PTMQConfig | None']:
+        "Each unit's stages: the first trains the rounding (all of `iters` without a second); with `stage2_share`, the second trains the rest with the rounding fixed."
+        n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
+        if n2 == 0: return self, None
+        return (dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0),
+                dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0))
 
     @property
     def drop_in_block(self) -> float:
@@ -299,16 +322,21 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
     return gen, (gen if dev.type == 'cpu' else torch.Generator(device=dev).manual_seed(seed))
 
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
-           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device) -> list[dict[str, float]]:
-    wqs, aqs = weight_quantizers(unit), [q for q in act_quantizers(unit)]
+           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True) -> list[dict[str, float]]:
+    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train."
+    wqs, aqs = weight_quantizers(unit) if rounding else [], act_quantizers(unit)
+    biases = [b for b in unit.modules() if isinstance(b, BitBias)]
+    if not (wqs or aqs or biases):                    # nothing left to train (a classifier with fixed 8-bit weights, in a second stage)
+        bar.update(cfg.iters)
+        return []
     for q in aqs: q.drop, q.drop_gen = cfg.drop_in_block, dgen          # QDrop inside the unit (0: none); reset in `finally`
     at_pass = _pass_dropper(aqs, cfg.pass_drops)
     alphas = [q.alpha.requires_grad_(True) for q in wqs]
     scales = [q.scale.requires_grad_(True) for q in aqs]
     for q in wqs: q.set_mode('soft')
-    shifts = [b.delta.requires_grad_(True) for b in unit.modules() if isinstance(b, BitBias)]
+    shifts = [p.requires_grad_(True) for b in biases for p in b.params()]
     opts = [torch.optim.Adam(alphas, lr=cfg.lr_alpha)] if alphas else []
-    if shifts: opts.append(torch.optim.Adam(shifts, lr=cfg.lr_bias))    # the shifts per bit-width, with the roundings
+    if shifts: opts.append(torch.optim.Adam(shifts, lr=cfg.lr_bias))    # the shifts (and gains) per bit-width, with the roundings
     sched = None
     if scales:
         opt_a = torch.optim.Adam(scales, lr=cfg.lr_act); opts.append(opt_a)
@@ -363,6 +391,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     if missing: raise ValueError(f"model has no steps for weight bit-widths {sorted(missing)}; it was built for {qmodel.w_set}")
     built = getattr(qmodel.spec, 'bit_bias', 'none')
     if built != cfg.shifts: raise ValueError(f"the config asks bit_bias={cfg.shifts!r}, the model was built with {built!r} (quantize_model(..., bit_bias=...))")
+    built = getattr(qmodel.spec, 'bit_gain', False)
+    if built != cfg.gains: raise ValueError(f"the config asks bit_gain={cfg.gains}, the model was built with {built} (quantize_model(..., bit_gain=...))")
     dev = cfg.resolved_device()
     if dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())   # named as its tensors are ('cuda:0'): device comparisons hold
     qmodel.to(dev).eval().requires_grad_(False)
@@ -386,8 +416,12 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             _observe(unit, xs, cfg, dev, x_fp)
             _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
-                history += _train(unit, k, x_fp, xs, y_fp, cfg, gen, dgen, bar, dev)
+                first, second = cfg.stages()
+                history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev)
                 for q in weight_quantizers(unit): q.set_mode('hard')
+                if second is not None:                 # the rounding fixed: the activation steps and shifts on the stage-2 draw
+                    rows = _train(unit, k, x_fp, xs, y_fp, second, gen, dgen, bar, dev, rounding=False)
+                    history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
             _sync(dev); loop_seconds.append(time.perf_counter() - t1)
             new_xs = {k: _run(_set_pass(unit, k), xs[k], dev=dev, store=store) for k in cfg.passes}
             xs, x_fp = new_xs, y_fp
@@ -405,7 +439,7 @@ def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progres
     "Calibrate one multi-bit quantized model from the float `model` and the calibration images `calib`."
     cfg = cfg or PTMQConfig()
     qm = quantize_model(model, cfg.w_set, cfg.a_bits, cfg.first_last_w_bits, cfg.head_a_bits, cfg.observer, cfg.observer_p,
-                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.shifts,
+                        cfg.quant_attn_matmul, head_q=cfg.head_q, w_rounding=cfg.w_rounding, bit_bias=cfg.shifts, bit_gain=cfg.gains,
                         device=cfg.resolved_device())      # the weight observers where the calibration runs (ResNet-18's: ~5 min on 2 CPU cores)
     qm.config = cfg
     qm.calibration = calibrate(qm, calib, cfg, progress)

@@ -49,7 +49,7 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8))
 
 # %% ../nbs/15_save.ipynb #265e0cf6
-FORMAT, FORMAT_VERSION = 'ptmq', 3     # 2: weight quantizers hold steps and codes per weight bit-width (`scales`, `zero_points`); 3: shifts per bit-width (`BitBias`)
+FORMAT, FORMAT_VERSION = 'ptmq', 4     # 2: weight quantizers hold steps and codes per weight bit-width (`scales`, `zero_points`); 3: shifts per bit-width (`BitBias`); 4: gains beside them
 
 class ModelFileError(ValueError):
     "A model file cannot be used: missing, truncated or corrupted, not a ptmq model, from a newer ptmq, or of an unknown architecture."
@@ -115,7 +115,8 @@ def save(model: QuantModel, path: str | os.PathLike, *, model_name: str | None =
     current = {q.current_bits for q in act_quantizers(model) if q.switchable}
     plans = {str(k): check_plan(model, v).to_list() for k, v in (getattr(model, 'plans', None) or {}).items()}   # a plan that does not fit stops here
     sens = getattr(model, 'sensitivity', None)
-    version = FORMAT_VERSION if any(isinstance(m, BitBias) for m in model.modules()) else 2   # a file without shifts stays readable by format-2 readers
+    biases = [m for m in model.modules() if isinstance(m, BitBias)]
+    version = 4 if any(b.gain is not None for b in biases) else 3 if biases else 2   # the oldest format that holds the model: older readers still read it
     meta = {'format': FORMAT, 'format_version': version, 'ptmq_version': ptmq.__version__, 'torch_version': torch.__version__,
             'saved': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'model': model_name or old.get('model'),
             'architecture': {'name': model.arch, 'config': model.arch_config}, 'spec': model.spec.to_dict(),

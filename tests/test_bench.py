@@ -4,7 +4,7 @@ import dataclasses, json, math, statistics
 from pathlib import Path
 import pytest, torch, yaml
 from conftest import REPO
-from ptmq.bench import METHODS, PAPER_STEP, LOW_BIAS_RULE, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
+from ptmq.bench import METHODS, PAPER_STEP, TWO_STAGE_GAIN, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
 from ptmq.experiment import load_params, ParamsError
 from ptmq.mfm import BitGroups
 from ptmq.recon import PTMQConfig
@@ -352,15 +352,24 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
 
 def test_methods_switch_from_the_papers_step_not_from_the_package_default():
     "Whatever the package default or the base config says about the step, every method keeps the meaning its reports were made with."
-    step = lambda c: (c.step_passes, c.lr_alpha, c.lr_act, c.mix_lambdas, c.bit_bias)
+    step = lambda c: tuple(getattr(c, k) for k in PAPER_STEP)
+    off = (False, 0.0)                                                    # no gains, one stage
     assert step(PTMQConfig()) == tuple(PAPER_STEP.values())                  # today the package default IS the paper's step
-    d, g = PTMQConfig(iters=50, **LOW_BIAS_RULE), BitGroups((4,), (6,), (8,))    # a base (or a future default) with the rule
-    assert step(Run('ptmq', 4, g, 0).config(d)) == ('all', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
-    assert step(Run('ptmq_one_pass', 4, g, 0).config(d)) == ('one', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
+    d, g = PTMQConfig(iters=50, **TWO_STAGE_GAIN), BitGroups((4,), (6,), (8,))    # a base (or a future default) with two stages and gains
+    assert step(Run('ptmq', 4, g, 0).config(d)) == ('all', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
+    assert step(Run('ptmq_one_pass', 4, g, 0).config(d)) == ('one', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
     assert step(Run('ptmq_mfm_low', 4, g, 0).config(d))[3] == (0.6, 0.2, 0.2)
-    assert step(Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d)) == step(d)
-    assert Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d).iters == 100
-    for m in ('qdrop', 'brecq'): assert step(Run(m, 4, g, 0, 4).config(d))[1:] == (1e-3, 4e-5, (1/3, 1/3, 1/3), 'none')
+    assert step(Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d)) == ('one', 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower', *off)
+    assert step(Run('ptmq_two_stage_gain', 4, g, 0).config(d)) == step(d) and Run('ptmq_two_stage_gain', 4, g, 0).config(d).iters == 100
+    for m in ('qdrop', 'brecq'): assert step(Run(m, 4, g, 0, 4).config(d))[1:] == (1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
+
+def test_two_stage_gain_splits_one_qdrop_runs_iterations():
+    base = PTMQConfig(iters=200)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_two_stage_gain']}], 'seeds': [0], 'multi_iters': 100}, base)
+    (c,) = _configs(spec, base)['ptmq_two_stage_gain']
+    first, second = c.stages()
+    assert (c.iters, first.iters, second.iters) == (200, 100, 100) and (first.mix_lambdas, second.mix_lambdas) == ((0, 0, 1), (0.5, 0.5, 0))
+    assert (c.bit_bias, c.bit_gain, c.lr_bias, c.lr_alpha, c.lr_act) == ('lower', True, 4e-3, 4e-3, 4e-4)
 
 def test_low_bias_2x_is_the_same_rule_at_one_qdrop_runs_iterations():
     base = PTMQConfig(iters=200)

@@ -1,0 +1,168 @@
+"""Gains beside the shifts per bit-width (`PTMQConfig.bit_gain`) and the two-stage calibration (`stage2_share`): zero gains
+are the shift-only model bit for bit, a gain row scales its channel and follows the bit-width, freeze/save/load/export keep
+it exactly (format 4), the second stage leaves the rounding and the highest bit-width's rows as the first stage left them
+and trains only the rest, and bad settings get clear errors."""
+import dataclasses, math
+import pytest
+import torch
+from ptmq.arch import quantize_model, check_rebuild
+from ptmq.blocks import BitBias, QuantLayer, set_bits, freeze_bits, weight_quantizers, act_quantizers, quant_state
+from ptmq.models import CifarResNet
+from ptmq.recon import PTMQConfig, ptmq, calibrate, round_to_nearest, _train
+from ptmq.serialize import save, load, read_metadata
+from ptmq.export import export_module
+
+BITS = (3, 4, 8)
+GROUPS = {'low': [3], 'mid': [4], 'high': [8]}
+
+def _biases(m): return [b for b in m.modules() if isinstance(b, BitBias)]
+
+def _cfg(**kw): return PTMQConfig(w_bits=4, groups=GROUPS, observe_images=8, observer='minmax', a_observer='minmax', **kw)
+
+def _randomise(model, seed=0, gains=True):
+    g = torch.Generator().manual_seed(seed)
+    for b in _biases(model):
+        b.delta.data = torch.randn(b.delta.shape, generator=g) * 0.2
+        if gains and b.gain is not None: b.gain.data = torch.randn(b.gain.shape, generator=g) * 0.2
+
+def _pair(seed=0):
+    "The same float ResNet at round-to-nearest with shifts only and with shifts and gains; equal random shifts, the gains zero."
+    torch.manual_seed(seed); fp, calib = CifarResNet(20).eval(), torch.randn(8, 3, 32, 32)
+    shift, both = round_to_nearest(fp, calib, _cfg(bit_bias='lower')), round_to_nearest(fp, calib, _cfg(bit_bias='lower', bit_gain=True))
+    _randomise(shift, seed); _randomise(both, seed, gains=False)
+    return shift, both
+
+class _Bar:
+    def __init__(self): self.n = 0
+    def update(self, k): self.n += k
+
+def test_zero_gains_are_the_shift_only_model_bit_for_bit():
+    shift, both = _pair()
+    assert all(b.gain is not None and torch.count_nonzero(b.gain) == 0 for b in _biases(both))
+    assert all(b.gain is None for b in _biases(shift))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for b in BITS: assert torch.equal(set_bits(shift, b)(x), set_bits(both, b)(x)), f"A{b}"
+
+def test_a_gain_row_scales_its_channels_follows_the_bit_width_and_the_highest_row_is_zero():
+    torch.manual_seed(0); fp, calib = CifarResNet(20).eval(), torch.randn(8, 3, 32, 32)
+    plain, qm = round_to_nearest(fp, calib, _cfg()), round_to_nearest(fp, calib, _cfg(bit_bias='lower', bit_gain=True))
+    _randomise(qm, 1)
+    layer, h, x = qm.units[1].body[0], torch.randn(2, 16, 8, 8), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for b in BITS:
+            set_bits(qm, b)
+            i, on = BITS.index(b), float(b != 8)
+            g, d = (layer.bit_bias.gain[i] * on).view(1, -1, 1, 1), (layer.bit_bias.delta[i] * on).view(1, -1, 1, 1)
+            assert torch.equal(layer.bit_bias(h), h * (1 + g) + d)
+        assert torch.equal(set_bits(qm, 8)(x), set_bits(plain, 8)(x))          # random gains and shifts, none at the highest bit-width
+        assert not torch.equal(set_bits(qm, 3)(x), set_bits(plain, 3)(x))
+        unit, xs = qm.units[2], [torch.randn(2, 16, 32, 32) for _ in BITS]
+        one = [set_bits(unit, b)(xi) for b, xi in zip(BITS, xs)]
+        batched = set_bits(unit, BITS)(torch.cat(xs)).chunk(3)                  # a batched pass: each group of the batch its own row
+        assert all(torch.allclose(a, c, atol=1e-6) for a, c in zip(one, batched))
+        with quant_state(qm, weights=False, acts=False), quant_state(plain, weights=False, acts=False):
+            assert torch.equal(qm(x), plain(x))                                     # the float model: no gain, no shift
+
+def test_freeze_save_load_and_export_keep_the_gains_exactly(tmp_path):
+    _, qm = _pair()
+    _randomise(qm, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = {b: set_bits(qm, b)(x) for b in BITS}
+        for b in BITS:
+            assert torch.equal(freeze_bits(qm, b)(x), ref[b]) and torch.equal(export_module(qm, b)(x), ref[b])
+    check_rebuild(qm)
+    save(qm, tmp_path / 'g.safetensors')
+    meta = read_metadata(tmp_path / 'g.safetensors')
+    assert meta['format_version'] == 4 and meta['spec']['bit_gain'] is True
+    back = load(tmp_path / 'g.safetensors')
+    assert all(b.gain is not None for b in _biases(back))
+    with torch.no_grad():
+        for b in BITS: assert torch.equal(set_bits(back, b)(x), ref[b]), f"A{b} differs after load"
+    shift, _ = _pair()
+    save(shift, tmp_path / 's.safetensors')
+    assert read_metadata(tmp_path / 's.safetensors')['format_version'] == 3 and 'bit_gain' not in read_metadata(tmp_path / 's.safetensors')['spec']
+
+def test_onnx_export_with_gains(tmp_path):
+    from ptmq.export import export_onnx, _session
+    _, qm = _pair()
+    _randomise(qm, 3)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(): ref = set_bits(qm, 3)(x)
+    f = export_onnx(qm, tmp_path / 'g3.onnx', 3, input_size=(3, 32, 32))
+    out = torch.from_numpy(_session(f, exact=True).run(None, {'input': x.numpy()})[0])
+    d = (out - ref).abs()
+    assert d.median() < 1e-5 and d.max() < 0.05 * ref.abs().max(), f"onnxruntime differs beyond float rounding ({d.max():.2e})"
+
+def test_stages_split_the_iterations():
+    c = _cfg(step_passes='one', iters=201, bit_bias='lower', stage2_share=0.5)
+    first, second = c.stages()
+    assert (first.iters, second.iters) == (101, 100) and first.mix_lambdas == c.mix_lambdas and second.mix_lambdas == (0.5, 0.5, 0.0)
+    assert first.stage2_share == second.stage2_share == 0.0
+    assert _cfg(step_passes='one', iters=1, stage2_share=0.9).stages()[1] is None       # no whole step for a second stage: one stage
+    assert _cfg().stages() == (_cfg(), None)
+    assert _cfg(step_passes='one', iters=100, stage2_share=0.29).stages()[1].iters == 29          # 0.29 x 100 in floats is 28.999...
+
+def test_the_second_stage_keeps_the_rounding_and_the_highest_rows_and_trains_the_rest():
+    torch.manual_seed(0)
+    fp, calib = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32)
+    cfg = _cfg(step_passes='one', iters=8, batch_size=4, mix_lambdas=(0, 0, 1), bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_share=0.5, seed=3)
+    qm = round_to_nearest(fp, calib, dataclasses.replace(cfg, iters=0))
+    unit = qm.units[1]
+    with quant_state(qm, weights=False, acts=False), torch.no_grad(): x = qm.units[0](calib); y_fp = unit(x)
+    first, second = cfg.stages()
+    gen = torch.Generator().manual_seed(0)
+    _train(unit, 1, x, {b: x for b in BITS}, y_fp, first, gen, gen, _Bar(), torch.device('cpu'))
+    for q in weight_quantizers(unit): q.set_mode('hard')
+    assert all(torch.count_nonzero(b.delta) == 0 and torch.count_nonzero(b.gain) == 0 for b in _biases(unit))   # the high pass alone: nothing to move
+    layers = [l for l in unit.modules() if isinstance(l, QuantLayer)]
+    codes = [l.wq.codes(l.layer.weight).clone() for l in layers]
+    alphas = [q.alpha.clone() for q in weight_quantizers(unit)]
+    switchable = [q for q in act_quantizers(unit) if q.switchable]
+    steps = [q.scale.detach().clone() for q in switchable]
+    bar = _Bar()
+    rows = _train(unit, 1, x, {b: x for b in BITS}, y_fp, second, gen, gen, bar, torch.device('cpu'), rounding=False)
+    assert bar.n == second.iters and all(math.isnan(r['gd_h_l']) != math.isnan(r['gd_h_m']) for r in rows)   # every step a low or a mid pass
+    assert all(q.mode == 'hard' and not q.alpha.requires_grad for q in weight_quantizers(unit))
+    assert all(torch.equal(a, q.alpha) for a, q in zip(alphas, weight_quantizers(unit)))
+    assert all(torch.equal(c, l.wq.codes(l.layer.weight)) for c, l in zip(codes, layers))
+    hi = BITS.index(8)
+    assert all(torch.equal(s[hi], q.scale[hi]) for s, q in zip(steps, switchable))               # the highest bit-width's steps as stage 1 left them
+    assert any(not torch.equal(s[:hi], q.scale[:hi]) for s, q in zip(steps, switchable))          # the lower ones trained
+    for b in _biases(unit):
+        assert torch.count_nonzero(b.gain[hi] * b.mask[hi]) == 0 and not b.gain.requires_grad
+    assert any(torch.count_nonzero(b.gain[:hi]) > 0 and torch.count_nonzero(b.delta[:hi]) > 0 for b in _biases(unit))
+
+def test_a_two_stage_calibration_is_deterministic_and_draws_each_stage_as_configured():
+    torch.manual_seed(0)
+    fp, calib = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32)
+    cfg = _cfg(step_passes='one', iters=6, batch_size=4, mix_lambdas=(0, 0, 1), bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_share=0.5, seed=1)
+    a, b = ptmq(fp, calib, cfg, progress=False), ptmq(fp, calib, cfg, progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    h = a.calibration.history
+    first = [r for r in h if r['iter'] < 3]
+    second = [r for r in h if r['iter'] >= 3]
+    assert first and second and max(r['iter'] for r in h) == 5
+    assert all(math.isnan(r['gd_h_l']) and math.isnan(r['gd_h_m']) for r in first)               # stage 1: the high pass alone
+    assert all(math.isnan(r['gd_h_l']) != math.isnan(r['gd_h_m']) for r in second)               # stage 2: low or mid
+    assert {r['unit'] for r in second} == set(range(len(a.units) - 1))                              # the classifier (fixed 8-bit, no step): nothing left for stage 2
+    assert a.config.to_dict()['stage2_share'] == 0.5 and a.spec.to_dict()['bit_gain'] is True
+
+def test_two_stage_and_gain_errors():
+    with pytest.raises(ValueError, match="bit_gain adds a gain beside each shift: it needs bit_bias"): PTMQConfig(bit_gain=True)
+    with pytest.raises(ValueError, match="bit_gain adds a gain"): quantize_model(CifarResNet(8), 4, BITS, bit_gain=True)
+    with pytest.raises(ValueError, match="bit_gain must be true or false"): PTMQConfig(bit_bias='lower', bit_gain='yes')
+    for bad in (1.0, -0.1, 'half'):
+        with pytest.raises(ValueError, match=r"stage2_share must be a number in \[0, 1\)"): PTMQConfig(step_passes='one', stage2_share=bad)
+    for kw in ({}, {'step_passes': 'one', 'single_bits': 4}, {'step_passes': 'one', 'pairs': ['W4A4', 'W4A6', 'W4A8']}):
+        with pytest.raises(ValueError, match="stage2_share .* is for a multi-bit calibration over groups with step_passes='one'"):
+            PTMQConfig(stage2_share=0.5, **kw)
+    with pytest.raises(ValueError, match="stage2_lambdas must be 3 numbers"): PTMQConfig(stage2_lambdas='low')
+    with pytest.raises(ValueError): PTMQConfig(stage2_lambdas=(-1, 1, 1))
+    qm = quantize_model(CifarResNet(8), 4, BITS, bit_bias='lower')
+    with pytest.raises(ValueError, match="asks bit_gain=True, the model was built with False"):
+        calibrate(qm, torch.randn(4, 3, 32, 32), _cfg(iters=0, bit_bias='lower', bit_gain=True))
+    assert PTMQConfig(single_bits=4, bit_bias='lower', bit_gain=True).gains is False          # a single-bit run builds no shift, so no gain
+    with pytest.raises(ValueError, match="unknown PTMQ config key"): PTMQConfig.from_dict({'stage2': 0.5})
