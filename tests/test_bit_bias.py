@@ -21,13 +21,14 @@ def _shifts(m): return [b for b in m.modules() if isinstance(b, BitBias)]
 
 def _cfg(bit_bias='none', **kw): return PTMQConfig(w_bits=4, groups={'low': [3], 'mid': [4], 'high': [8]}, observe_images=8, observer='minmax', a_observer='minmax', bit_bias=bit_bias, **kw)
 
-def _pair(build, rows='lower', shifts=True, seed=0):
-    "The same float model at round-to-nearest without and with shifts (equal quantizers); the shifts random if `shifts`."
+def _pair(build, rows='lower', shifts=True, seed=0, gain=False):
+    "The same float model at round-to-nearest without and with shifts (equal quantizers; `gain`: with gains too); the shifts (and gains) random if `shifts`."
     torch.manual_seed(seed); fp, calib = build().eval(), torch.randn(8, 3, 32, 32)
-    plain, shifted = round_to_nearest(fp, calib, _cfg()), round_to_nearest(fp, calib, _cfg(bit_bias=rows))
+    plain, shifted = round_to_nearest(fp, calib, _cfg()), round_to_nearest(fp, calib, _cfg(bit_bias=rows, bit_gain=gain))
     if shifts:
         g = torch.Generator().manual_seed(seed)
-        for b in _shifts(shifted): b.delta.data = torch.randn(b.delta.shape, generator=g) * 0.2
+        for b in _shifts(shifted):
+            for p in b.params(): p.data = torch.randn(p.shape, generator=g) * 0.2
     return plain, shifted
 
 @pytest.mark.parametrize('build', [lambda: CifarResNet(20), _vit], ids=['resnet20', 'vit'])
@@ -143,9 +144,11 @@ def test_bit_bias_errors():
     with pytest.raises(ValueError, match='cannot follow a quantizer'):
         BitBias((3, 8), 4).link(act_quantizers(qm)[0])
 
-def test_onnx_export_with_shifts(tmp_path):
+@pytest.mark.parametrize('gain', [False, True], ids=['shifts', 'shifts_and_gains'])
+def test_onnx_export_with_shifts(tmp_path, gain):
     from ptmq.export import export_onnx, _session
-    _, qm = _pair(lambda: CifarResNet(20), 'lower')
+    _, qm = _pair(lambda: CifarResNet(20), 'lower', gain=gain)
+    assert all((b.gain is not None) == gain for b in _shifts(qm))
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad(): ref = set_bits(qm, 3)(x)
     f = export_onnx(qm, tmp_path / 'a3.onnx', 3, input_size=(3, 32, 32))
