@@ -406,6 +406,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds, loop_seconds, stores = [], [], [], set()
+    first, second = cfg.stages()                       # each unit's stage configs, made once
     with progress_bar(None, progress if total else False, total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', unit='it') as bar:
         for k, unit in enumerate(units):
             t0 = time.perf_counter()
@@ -416,7 +417,6 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             _observe(unit, xs, cfg, dev, x_fp)
             _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
-                first, second = cfg.stages()
                 history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev)
                 for q in weight_quantizers(unit): q.set_mode('hard')
                 if second is not None:                 # the rounding fixed: the activation steps and shifts on the stage-2 draw

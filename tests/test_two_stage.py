@@ -22,8 +22,7 @@ def _cfg(**kw): return PTMQConfig(w_bits=4, groups=GROUPS, observe_images=8, obs
 def _randomise(model, seed=0, gains=True):
     g = torch.Generator().manual_seed(seed)
     for b in _biases(model):
-        b.delta.data = torch.randn(b.delta.shape, generator=g) * 0.2
-        if gains and b.gain is not None: b.gain.data = torch.randn(b.gain.shape, generator=g) * 0.2
+        for p in (b.params() if gains else [b.delta]): p.data = torch.randn(p.shape, generator=g) * 0.2
 
 def _pair(seed=0):
     "The same float ResNet at round-to-nearest with shifts only and with shifts and gains; equal random shifts, the gains zero."
