@@ -17,10 +17,10 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting',
-           'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize',
-           'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading',
-           'row_reading']
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'METHODS', 'ROW_METHODS', 'Method', 'Run',
+           'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark',
+           'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row',
+           'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class Method:
     overrides: dict = field(default_factory=dict)
     about: str = ''
     iters_scale: float = 1.0                # a multi-bit method's iterations: `benchmark.multi_iters` times this (a method whose step costs less runs more)
+    iters_of: str = 'multi'                 # 'single': `iters_scale` times the per-bit runs' iterations (the base config's) instead, whatever multi_iters
 
     @property
     def switches(self) -> dict:
@@ -38,10 +39,12 @@ class Method:
         return {**PAPER_STEP, **self.overrides}
 
 PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none',
-              'bit_gain': False, 'stage2_share': 0.0}   # the paper's step with QDrop's official rates: the package default
+              'bit_gain': False, 'stage2_share': 0.0, 'stage2_lr_act': None, 'stage1': 'ptmq'}   # the paper's step with QDrop's official rates: the package default
 LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule (the default for a day, 2026-12-04: nbs/12 says why not)
 TWO_STAGE_GAIN = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.0, 0.0, 1.0), 'bit_bias': 'lower', 'bit_gain': True,
                   'lr_bias': 4e-3, 'stage2_share': 0.5}   # issue 14's two stages: the rounding on the high pass, then shifts and gains per lower bit-width
+QDROP_FIRST = {'stage1': 'qdrop', 'step_passes': 'one', 'bit_bias': 'lower', 'bit_gain': True, 'lr_bias': 1e-2, 'stage2_lr_act': 1e-3,
+               'stage2_share': 0.2}   # per-bit QDrop at the highest bit-width (QDrop's rates: PAPER_STEP's), then 1/4 of its iterations for the lower ones
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -99,6 +102,12 @@ METHODS: dict[str, Method] = {
                                   'rounding lr 4e-3, activation lr 4e-4); then the rounding is fixed and the other half train the activation steps and a '
                                   'per-channel shift and gain per lower bit-width (Adam 4e-3) on the low and mid passes (drawn half each); 2x multi_iters '
                                   'in all', iters_scale=2.0),
+    'ptmq_qdrop_first': Method('PTMQ, two stages: per-bit QDrop at the highest bit-width, then steps, shifts and gains per lower bit-width', 'multi',
+                               QDROP_FIRST, "per unit, per-bit QDrop's own calibration at the highest bit-width (its step, rates, drop and iterations: "
+                               "the highest bit-width IS the qdrop model of the same seed, bit for bit); then the rounding is fixed and a quarter as "
+                               "many iterations train the lower bit-widths' activation steps (Adam 1e-3) and a per-channel shift and gain each "
+                               "(Adam 1e-2) on the low and mid passes (drawn half each), on a stream of their own; 1.25 x the per-bit runs' iterations "
+                               "in all", iters_scale=1.25, iters_of='single'),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
@@ -251,7 +260,8 @@ class BenchmarkSpec:
             for m in s.methods:
                 kind = METHODS[m].kind
                 seeds = self.seeds if m in self.seeded and kind != 'rtn' else self.seeds[:1]
-                iters = round(self.multi_iters * METHODS[m].iters_scale) if kind in ('multi', 'wset') and self.multi_iters else None
+                iters = (round(self.multi_iters * METHODS[m].iters_scale) if kind in ('multi', 'wset') and self.multi_iters
+                         and METHODS[m].iters_of == 'multi' else None)
                 if kind == 'wset': out += [Run(m, s.w_bits, s.groups, seed, None, iters, s.pairs) for seed in seeds]
                 elif s.pairs is not None and kind == 'single':      # a row: one calibration per pair
                     out += [Run(m, w, s.groups, seed, a, iters) for w, a in s.pairs.pairs for seed in seeds]

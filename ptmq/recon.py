@@ -20,10 +20,12 @@ from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'STEP_PASSES', 'PASS_NAMES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq', 'round_to_nearest']
+__all__ = ['log', 'STEP_PASSES', 'STAGE1', 'PASS_NAMES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq',
+           'round_to_nearest']
 
 # %% ../nbs/07_reconstruction.ipynb #cdbb9d52
 STEP_PASSES = ('all', 'one')
+STAGE1 = ('ptmq', 'qdrop')
 PASS_NAMES = ('low', 'mid', 'high')
 
 @dataclass
@@ -56,6 +58,8 @@ class PTMQConfig:
     bit_gain: bool = False
     stage2_share: float = 0.0
     stage2_lambdas: tuple[float, float, float] = (0.5, 0.5, 0.0)
+    stage2_lr_act: float | None = None
+    stage1: str = 'ptmq'
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
     observer_p: float = 2.4
@@ -124,6 +128,12 @@ class PTMQConfig:
             try: setattr(self, name, tuple(float(l) for l in getattr(self, name)))
             except (TypeError, ValueError): raise ValueError(f"{name} must be 3 numbers, got {getattr(self, name)!r}") from None
             MultiBitFeatureMixer(getattr(self, name), self.drop_prob, self.mfm)  # validates lambdas and p
+        if self.stage2_lr_act is not None and not self.stage2_lr_act > 0: raise ValueError(f"stage2_lr_act must be None or > 0, got {self.stage2_lr_act!r}")
+        if self.stage1 not in STAGE1: raise ValueError(f"stage1 must be one of {STAGE1}, got {self.stage1!r}")
+        if self.stage1 == 'qdrop' and (self.stage2_share == 0 or self.bit_bias == 'all' or self.stage2_lambdas[2] > 0):
+            raise ValueError("stage1='qdrop' runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it: it needs a second "
+                             "stage (stage2_share > 0) that trains only the lower bit-widths (no high pass in stage2_lambdas, "
+                             "bit_bias 'none' or 'lower')")
 
     @property
     def a_bits(self) -> tuple[int, ...]:
@@ -152,11 +162,13 @@ class PTMQConfig:
         return self.bit_gain and self.shifts != 'none'
 
     def stages(self) -> tuple['PTMQConfig', 'PTMQConfig | None']:
-        "Each unit's stages: the first trains the rounding (all of `iters` without a second); with `stage2_share`, the second trains the rest with the rounding fixed."
+        "Each unit's stages: the first trains the rounding (all of `iters` without a second; per-bit QDrop at the highest bit-width with `stage1='qdrop'`); with `stage2_share`, the second trains the rest with the rounding fixed."
         n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
         if n2 == 0: return self, None
-        return (dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0),
-                dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0))
+        first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq')
+        if self.stage1 == 'qdrop': first = dataclasses.replace(first, single_bits=max(self.a_bits), block_drop=True)   # the qdrop baseline's run
+        return first, dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
+                                          lr_act=self.lr_act if self.stage2_lr_act is None else self.stage2_lr_act)
 
     @property
     def drop_in_block(self) -> float:
@@ -322,9 +334,9 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
     return gen, (gen if dev.type == 'cpu' else torch.Generator(device=dev).manual_seed(seed))
 
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
-           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True) -> list[dict[str, float]]:
-    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train."
-    wqs, aqs = weight_quantizers(unit) if rounding else [], act_quantizers(unit)
+           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True, shared: bool = True) -> list[dict[str, float]]:
+    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train; `shared=False`: so do the steps every bit-width shares (a fixed 8-bit quantizer)."
+    wqs, aqs = weight_quantizers(unit) if rounding else [], [q for q in act_quantizers(unit) if shared or q.switchable]
     biases = [b for b in unit.modules() if isinstance(b, BitBias)]
     if not (wqs or aqs or biases):                    # nothing left to train (a classifier with fixed 8-bit weights, in a second stage)
         bar.update(cfg.iters)
@@ -407,6 +419,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds, loop_seconds, stores = [], [], [], set()
     first, second = cfg.stages()                       # each unit's stage configs, made once
+    own = cfg.stage1 == 'qdrop'                        # stage 1 is the qdrop baseline's run bit for bit: stage 2 draws from its own stream and trains only what is per bit-width
+    gen2 = _generators(cfg.seed + 2 ** 32, dev) if own else (gen, dgen)
     with progress_bar(None, progress if total else False, total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', unit='it') as bar:
         for k, unit in enumerate(units):
             t0 = time.perf_counter()
@@ -420,7 +434,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
                 history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev)
                 for q in weight_quantizers(unit): q.set_mode('hard')
                 if second is not None:                 # the rounding fixed: the activation steps and shifts on the stage-2 draw
-                    rows = _train(unit, k, x_fp, xs, y_fp, second, gen, dgen, bar, dev, rounding=False)
+                    rows = _train(unit, k, x_fp, xs, y_fp, second, *gen2, bar, dev, rounding=False, shared=not own)
                     history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
             _sync(dev); loop_seconds.append(time.perf_counter() - t1)
             new_xs = {k: _run(_set_pass(unit, k), xs[k], dev=dev, store=store) for k in cfg.passes}

@@ -4,7 +4,7 @@ import dataclasses, json, math, statistics
 from pathlib import Path
 import pytest, torch, yaml
 from conftest import REPO
-from ptmq.bench import METHODS, PAPER_STEP, TWO_STAGE_GAIN, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
+from ptmq.bench import METHODS, PAPER_STEP, TWO_STAGE_GAIN, QDROP_FIRST, BenchmarkSpec, Run, run_benchmark, summarize, cost_ratios, reading, accuracy_table, code_hash
 from ptmq.experiment import load_params, ParamsError
 from ptmq.mfm import BitGroups
 from ptmq.recon import PTMQConfig
@@ -353,7 +353,7 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
 def test_methods_switch_from_the_papers_step_not_from_the_package_default():
     "Whatever the package default or the base config says about the step, every method keeps the meaning its reports were made with."
     step = lambda c: tuple(getattr(c, k) for k in PAPER_STEP)
-    off = (False, 0.0)                                                    # no gains, one stage
+    off = (False, 0.0, None, 'ptmq')                                      # no gains, one stage
     assert step(PTMQConfig()) == tuple(PAPER_STEP.values())                  # today the package default IS the paper's step
     d, g = PTMQConfig(iters=50, **TWO_STAGE_GAIN), BitGroups((4,), (6,), (8,))    # a base (or a future default) with two stages and gains
     assert step(Run('ptmq', 4, g, 0).config(d)) == ('all', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
@@ -362,6 +362,8 @@ def test_methods_switch_from_the_papers_step_not_from_the_package_default():
     assert step(Run('ptmq_one_pass_low_bias_2x', 4, g, 0).config(d)) == ('one', 4e-3, 4e-4, (0.5, 0.25, 0.25), 'lower', *off)
     assert step(Run('ptmq_two_stage_gain', 4, g, 0).config(d)) == step(d) and Run('ptmq_two_stage_gain', 4, g, 0).config(d).iters == 100
     for m in ('qdrop', 'brecq'): assert step(Run(m, 4, g, 0, 4).config(d))[1:] == (1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
+    c = Run('ptmq_qdrop_first', 4, g, 0).config(d)                         # stage 1 keeps QDrop's rates (the paper step's), not the base's
+    assert all(getattr(c, k) == v for k, v in QDROP_FIRST.items()) and (c.lr_alpha, c.lr_act, c.iters) == (1e-3, 4e-5, round(50 * 1.25))
 
 def test_two_stage_gain_splits_one_qdrop_runs_iterations():
     base = PTMQConfig(iters=200)
@@ -370,6 +372,19 @@ def test_two_stage_gain_splits_one_qdrop_runs_iterations():
     first, second = c.stages()
     assert (c.iters, first.iters, second.iters) == (200, 100, 100) and (first.mix_lambdas, second.mix_lambdas) == ((0, 0, 1), (0.5, 0.5, 0))
     assert (c.bit_bias, c.bit_gain, c.lr_bias, c.lr_alpha, c.lr_act) == ('lower', True, 4e-3, 4e-3, 4e-4)
+
+def test_qdrop_first_starts_with_the_qdrop_baselines_own_run_at_the_highest_bit_width():
+    base = PTMQConfig(iters=200)
+    spec = BenchmarkSpec.from_dict({'settings': [{'methods': ['qdrop', 'ptmq', 'ptmq_qdrop_first']}], 'seeds': [0], 'multi_iters': 80}, base)
+    by = _configs(spec, base)
+    (c,) = by['ptmq_qdrop_first']
+    first, second = c.stages()
+    assert (c.iters, first.iters, second.iters) == (250, 200, 50)        # the per-bit runs' 200 whatever multi_iters, then a quarter as many
+    (q8,) = [x for x in by['qdrop'] if x.single_bits == 8]
+    same = ('single_bits', 'iters', 'seed', 'w_bits', 'batch_size', 'lr_alpha', 'lr_act', 'drop_prob', 'drop_in_block', 'lambda_r', 'beta',
+            'warmup', 'mfm', 'observer', 'a_observer', 'observe_on', 'head_q', 'first_last_w_bits', 'head_a_bits')
+    assert {k: getattr(first, k) for k in same} == {k: getattr(q8, k) for k in same}
+    assert (second.lr_act, second.lr_bias, second.mix_lambdas, c.bit_bias, c.bit_gain) == (1e-3, 1e-2, (0.5, 0.5, 0.0), 'lower', True)
 
 def test_low_bias_2x_is_the_same_rule_at_one_qdrop_runs_iterations():
     base = PTMQConfig(iters=200)

@@ -1,7 +1,8 @@
 """Gains beside the shifts per bit-width (`PTMQConfig.bit_gain`) and the two-stage calibration (`stage2_share`): zero gains
 are the shift-only model bit for bit, a gain row scales its channel and follows the bit-width, freeze/save/load/export keep
 it exactly (format 4; the ONNX export is tested in tests/test_bit_bias.py), the second stage leaves the rounding and the
-highest bit-width's rows as the first stage left them and trains only the rest, and bad settings get clear errors."""
+highest bit-width's rows as the first stage left them and trains only the rest, with `stage1='qdrop'` the highest bit-width
+is the per-bit QDrop model bit for bit, and bad settings get clear errors."""
 import dataclasses, math
 import pytest
 import torch
@@ -138,6 +139,25 @@ def test_a_two_stage_calibration_is_deterministic_and_draws_each_stage_as_config
     assert {r['unit'] for r in second} == set(range(len(a.units) - 1))                              # the classifier (fixed 8-bit, no step): nothing left for stage 2
     assert a.config.to_dict()['stage2_share'] == 0.5 and a.spec.to_dict()['bit_gain'] is True
 
+def test_stage1_qdrop_keeps_the_qdrop_model_at_the_highest_bit_width_bit_for_bit():
+    "stage1='qdrop': the first stage is per-bit QDrop's own run at A8 and the second trains the lower bit-widths on a stream of its own."
+    torch.manual_seed(0)
+    fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    cfg = _cfg(step_passes='one', iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25,
+               stage1='qdrop', seed=2)
+    qm = ptmq(fp, calib, cfg, progress=False)
+    qd = ptmq(fp, calib, _cfg(single_bits=8, iters=6, batch_size=4, seed=2), progress=False)      # the qdrop baseline: drop 0.5, inside the unit too
+    assert qd.a_bits == (8,) and qd.config.drop_in_block == 0.5
+    with torch.no_grad():
+        assert torch.equal(set_bits(qm, 8)(x), qd(x))
+    assert all(torch.count_nonzero(b.gain[:2]) > 0 for b in _biases(qm))            # the lower rows trained
+    head = [q for q in act_quantizers(qm) if not q.switchable]                      # the fixed 8-bit quantizer every bit-width shares: QDrop's step
+    assert head and all(torch.equal(q.scale, r.scale) for q, r in zip(head, [q for q in act_quantizers(qd) if not q.switchable]))
+    h = qm.calibration.history
+    assert all(math.isnan(r['gd_h_l']) != math.isnan(r['gd_h_m']) for r in h if r['iter'] >= 6)   # stage 2: low or mid
+    first, second = cfg.stages()
+    assert (first.single_bits, first.block_drop, first.iters, first.lr_act, second.lr_act, second.iters) == (8, True, 6, cfg.lr_act, 1e-3, 2)
+
 def test_two_stage_and_gain_errors():
     with pytest.raises(ValueError, match="bit_gain adds a gain beside each shift: it needs bit_bias"): PTMQConfig(bit_gain=True)
     with pytest.raises(ValueError, match="bit_gain adds a gain"): quantize_model(CifarResNet(8), 4, BITS, bit_gain=True)
@@ -154,3 +174,10 @@ def test_two_stage_and_gain_errors():
         calibrate(qm, torch.randn(4, 3, 32, 32), _cfg(iters=0, bit_bias='lower', bit_gain=True))
     assert PTMQConfig(single_bits=4, bit_bias='lower', bit_gain=True).gains is False          # a single-bit run builds no shift, so no gain
     with pytest.raises(ValueError, match="unknown PTMQ config key"): PTMQConfig.from_dict({'stage2': 0.5})
+    with pytest.raises(ValueError, match=r"stage1 must be one of \('ptmq', 'qdrop'\)"): PTMQConfig(stage1='QDrop')
+    with pytest.raises(ValueError, match="stage2_lr_act must be None or > 0"): PTMQConfig(stage2_lr_act=0)
+    ok = dict(step_passes='one', stage2_share=0.2, bit_bias='lower', stage1='qdrop')
+    PTMQConfig(**ok)
+    for kw in ({'stage2_share': 0.0}, {'bit_bias': 'all'}, {'stage2_lambdas': (0.4, 0.4, 0.2)}):
+        with pytest.raises(ValueError, match="stage1='qdrop' runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it"):
+            PTMQConfig(**{**ok, **kw})
