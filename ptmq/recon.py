@@ -164,9 +164,9 @@ class PTMQConfig:
     def stages(self) -> tuple['PTMQConfig', 'PTMQConfig | None']:
         "Each unit's stages: the first trains the rounding (all of `iters` without a second; per-bit QDrop at the highest bit-width with `stage1='qdrop'`); with `stage2_share`, the second trains the rest with the rounding fixed."
         n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
-        if n2 == 0: return self, None
         first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq')
         if self.stage1 == 'qdrop': first = dataclasses.replace(first, single_bits=max(self.a_bits), block_drop=True)   # the qdrop baseline's run
+        if n2 == 0: return (first if self.stage1 == 'qdrop' else self), None          # too few steps for a second stage: the first alone
         return first, dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
                                           lr_act=self.lr_act if self.stage2_lr_act is None else self.stage2_lr_act)
 
@@ -335,7 +335,7 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
 
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
            gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True, shared: bool = True) -> list[dict[str, float]]:
-    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train; `shared=False`: so do the steps every bit-width shares (a fixed 8-bit quantizer)."
+    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train; `shared=False`: the steps every bit-width shares (a fixed 8-bit quantizer) stay as they are too."
     wqs, aqs = weight_quantizers(unit) if rounding else [], [q for q in act_quantizers(unit) if shared or q.switchable]
     biases = [b for b in unit.modules() if isinstance(b, BitBias)]
     if not (wqs or aqs or biases):                    # nothing left to train (a classifier with fixed 8-bit weights, in a second stage)

@@ -157,6 +157,8 @@ def test_stage1_qdrop_keeps_the_qdrop_model_at_the_highest_bit_width_bit_for_bit
     assert all(math.isnan(r['gd_h_l']) != math.isnan(r['gd_h_m']) for r in h if r['iter'] >= 6)   # stage 2: low or mid
     first, second = cfg.stages()
     assert (first.single_bits, first.block_drop, first.iters, first.lr_act, second.lr_act, second.iters) == (8, True, 6, cfg.lr_act, 1e-3, 2)
+    alone, none = dataclasses.replace(cfg, iters=3).stages()                         # no whole step left for stage 2: still QDrop's run
+    assert none is None and (alone.single_bits, alone.iters, alone.stage1) == (8, 3, 'ptmq')
 
 def test_two_stage_and_gain_errors():
     with pytest.raises(ValueError, match="bit_gain adds a gain beside each shift: it needs bit_bias"): PTMQConfig(bit_gain=True)
