@@ -166,7 +166,7 @@ class PTMQConfig:
         n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
         first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq')
         if self.stage1 == 'qdrop': first = dataclasses.replace(first, single_bits=max(self.a_bits), block_drop=True)   # the qdrop baseline's run
-        if n2 == 0: return (first if self.stage1 == 'qdrop' else self), None          # too few steps for a second stage: the first alone
+        if n2 == 0: return first, None                 # one stage (or too few steps for a second): the first alone
         return first, dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
                                           lr_act=self.lr_act if self.stage2_lr_act is None else self.stage2_lr_act)
 
