@@ -39,7 +39,7 @@ class Method:
         return {**PAPER_STEP, **self.overrides}
 
 PAPER_STEP = {'step_passes': 'all', 'lr_alpha': 1e-3, 'lr_act': 4e-5, 'mix_lambdas': (1/3, 1/3, 1/3), 'bit_bias': 'none',
-              'bit_gain': False, 'stage2_share': 0.0, 'stage2_lr_act': None, 'stage1': 'ptmq'}   # the paper's step with QDrop's official rates: the package default
+              'bit_gain': False, 'stage2_share': 0.0, 'stage2_lr_act': None, 'stage1': 'ptmq', 'lr_bias_schedule': 'constant'}   # the paper's step with QDrop's official rates: the package default
 LOW_BIAS_RULE = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.5, 0.25, 0.25), 'bit_bias': 'lower'}   # issue 14's rule (the default for a day, 2026-12-04: nbs/12 says why not)
 TWO_STAGE_GAIN = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_lambdas': (0.0, 0.0, 1.0), 'bit_bias': 'lower', 'bit_gain': True,
                   'lr_bias': 4e-3, 'stage2_share': 0.5}   # issue 14's two stages: the rounding on the high pass, then shifts and gains per lower bit-width
@@ -108,6 +108,9 @@ METHODS: dict[str, Method] = {
                                "many iterations train the lower bit-widths' activation steps (Adam 1e-3) and a per-channel shift and gain each "
                                "(Adam 1e-2) on the low and mid passes (drawn half each), on a stream of their own; 1.25 x the per-bit runs' iterations "
                                "in all", iters_scale=1.25, iters_of='single'),
+    'ptmq_qdrop_first_cos': Method('PTMQ, QDrop first, shift rates annealed', 'multi', {**QDROP_FIRST, 'lr_bias_schedule': 'cosine'},
+                                   "ptmq_qdrop_first with the shifts' and gains' rate annealed to 0 over the second stage (cosine, as the activation "
+                                   "steps' rate is) instead of constant", iters_scale=1.25, iters_of='single'),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

@@ -63,6 +63,7 @@ class BitBias(nn.Module):
         mask = torch.ones(len(self.bits), 1)
         if rows == 'lower': mask[self.bits.index(max(self.bits))] = 0.0     # the highest bit-width: no shift, ever (no gradient either)
         self.register_buffer('mask', mask)
+        self._off = self.bits.index(max(self.bits)) if rows == 'lower' else None   # the row that never shifts: the layer's output as it is
         self._idx_tensors: dict = {}
         object.__setattr__(self, 'src', None)        # a reference, not a submodule: the quantizer lives in its own place
 
@@ -87,6 +88,7 @@ class BitBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.src is not None and not self.src.enabled: return x      # the float model has no shift
         i = 0 if self.src is None else self.src.idx
+        if i == self._off: return x                   # x * (1 + 0) + 0 without two passes over x (that row's gradient is 0 either way)
         d, shape = self.delta * self.mask, [1] * x.dim()
         g = None if self.gain is None else self.gain * self.mask
         shape[self.dim % x.dim()] = -1

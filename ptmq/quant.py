@@ -44,10 +44,17 @@ def minmax_qparams(x: Tensor, bits: int, per_channel: bool = False) -> tuple[Ten
     "MinMax observer: the grid spans the whole range of `x` (per row of `x` when `per_channel`)."
     return qparams(*_range(x, per_channel), bits)
 
+def _pow_(e: Tensor, p: float) -> Tensor:
+    """`e ** p` in place, for `e >= 0`: torch's `pow_` for an integer `p` or one below 1.5; otherwise `exp(p log e)`, vectorised
+    where torch's CPU pow with a non-integer exponent is a scalar loop. `e` is floored at 1e-30 and `p log e` at -87 (log and
+    exp stay off their slow paths), so an exact 0 gives at most 1.7e-38 instead of 0 (from p = 1.5 up: 1e-30^p underflows)."""
+    if float(p).is_integer() or p < 1.5: return e.pow_(p)
+    return e.clamp_min_(1e-30).log_().mul_(p).clamp_min_(-87.0).exp_()
+
 def _lp_error(x: Tensor, s: Tensor, z: Tensor, qmax: int, p: float, per_channel: bool, e: Tensor) -> Tensor:
     "Mean `|fake_quant(x) - x|^p` (per row when `per_channel`), op for op in place in the buffer `e` (round_ste's forward is exactly round)."
     sb, zb = (s[:, None], z[:, None]) if per_channel else (s, z)
-    torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_().pow_(p)
+    _pow_(torch.div(x, sb, out=e).round_().add_(zb).clamp_(0, qmax).sub_(zb).mul_(sb).sub_(x).abs_(), p)
     return e.mean(dim=1) if per_channel else e.mean()
 
 @torch.no_grad()

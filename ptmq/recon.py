@@ -20,12 +20,13 @@ from .loss import gd_loss, rounding_reg, beta_schedule, lp_distance, FP_TERMS
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'STEP_PASSES', 'STAGE1', 'PASS_NAMES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq',
+__all__ = ['log', 'STEP_PASSES', 'STAGE1', 'LR_SCHEDULES', 'PASS_NAMES', 'PTMQConfig', 'CalibrationResult', 'calibrate', 'ptmq',
            'round_to_nearest']
 
 # %% ../nbs/07_reconstruction.ipynb #cdbb9d52
 STEP_PASSES = ('all', 'one')
 STAGE1 = ('ptmq', 'qdrop')
+LR_SCHEDULES = ('constant', 'cosine')
 PASS_NAMES = ('low', 'mid', 'high')
 
 @dataclass
@@ -55,6 +56,7 @@ class PTMQConfig:
     step_passes: str = 'all'
     bit_bias: str = 'none'
     lr_bias: float = 4e-4
+    lr_bias_schedule: str = 'constant'
     bit_gain: bool = False
     stage2_share: float = 0.0
     stage2_lambdas: tuple[float, float, float] = (0.5, 0.5, 0.0)
@@ -99,6 +101,7 @@ class PTMQConfig:
         if self.bit_bias == 'all' and self.single_bits is not None:     # 'lower' has no lower bit-width to shift there: it adds nothing
             raise ValueError("bit_bias='all' gives each activation bit-width its own shift: a single-bit calibration (single_bits) has nothing to switch (use 'none')")
         if not self.lr_bias > 0: raise ValueError(f"lr_bias must be > 0, got {self.lr_bias!r}")
+        if self.lr_bias_schedule not in LR_SCHEDULES: raise ValueError(f"lr_bias_schedule must be one of {LR_SCHEDULES}, got {self.lr_bias_schedule!r}")
         if not isinstance(self.bit_gain, bool): raise ValueError(f"bit_gain must be true or false, got {self.bit_gain!r}")
         if self.bit_gain and self.bit_bias == 'none': raise ValueError("bit_gain adds a gain beside each shift: it needs bit_bias 'lower' or 'all'")
         if not isinstance(self.stage2_share, (int, float)) or not 0 <= self.stage2_share < 1:
@@ -348,11 +351,13 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
     for q in wqs: q.set_mode('soft')
     shifts = [p.requires_grad_(True) for b in biases for p in b.params()]
     opts = [torch.optim.Adam(alphas, lr=cfg.lr_alpha)] if alphas else []
-    if shifts: opts.append(torch.optim.Adam(shifts, lr=cfg.lr_bias))    # the shifts (and gains) per bit-width, with the roundings
-    sched = None
+    cosine = lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.iters, eta_min=0.0)
+    scheds = []
+    if shifts:                                        # the shifts (and gains) per bit-width, with the roundings
+        opts.append(torch.optim.Adam(shifts, lr=cfg.lr_bias))
+        if cfg.lr_bias_schedule == 'cosine': scheds.append(cosine(opts[-1]))
     if scales:
-        opt_a = torch.optim.Adam(scales, lr=cfg.lr_act); opts.append(opt_a)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=cfg.iters, eta_min=0.0)
+        opts.append(torch.optim.Adam(scales, lr=cfg.lr_act)); scheds.append(cosine(opts[-1]))
     mfm = MultiBitFeatureMixer(cfg.mix_lambdas, cfg.drop_prob, cfg.mfm)
     every = cfg.log_every or max(1, cfg.iters // 100)
     history, n, bs = [], len(x_fp), min(cfg.batch_size, len(x_fp))
@@ -381,7 +386,7 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
             for o in opts: o.zero_grad(set_to_none=True)
             (loss + rterm).backward()
             for o in opts: o.step()
-            if sched is not None: sched.step()
+            for s in scheds: s.step()
             if it % every == 0 and dev.type == 'cpu': fair_threads()   # this run's share of the cores, when ptmq run shares them
             if it % every == 0 or it == cfg.iters - 1:     # the only host reads of the loop, every 1 % of the iterations
                 history.append({'unit': k, 'iter': it, 'gd_fp': terms['fp'].item(), 'gd_h_m': terms['h_m'].item(), 'gd_h_l': terms['h_l'].item(),

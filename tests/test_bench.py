@@ -353,7 +353,7 @@ def test_low_bias_sets_its_shifts_and_the_baselines_never_get_them():
 def test_methods_switch_from_the_papers_step_not_from_the_package_default():
     "Whatever the package default or the base config says about the step, every method keeps the meaning its reports were made with."
     step = lambda c: tuple(getattr(c, k) for k in PAPER_STEP)
-    off = (False, 0.0, None, 'ptmq')                                      # no gains, one stage
+    off = (False, 0.0, None, 'ptmq', 'constant')                          # no gains, one stage, constant shift rates
     assert step(PTMQConfig()) == tuple(PAPER_STEP.values())                  # today the package default IS the paper's step
     d, g = PTMQConfig(iters=50, **TWO_STAGE_GAIN), BitGroups((4,), (6,), (8,))    # a base (or a future default) with two stages and gains
     assert step(Run('ptmq', 4, g, 0).config(d)) == ('all', 1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
@@ -364,6 +364,10 @@ def test_methods_switch_from_the_papers_step_not_from_the_package_default():
     for m in ('qdrop', 'brecq'): assert step(Run(m, 4, g, 0, 4).config(d))[1:] == (1e-3, 4e-5, (1/3, 1/3, 1/3), 'none', *off)
     c = Run('ptmq_qdrop_first', 4, g, 0).config(d)                         # stage 1 keeps QDrop's rates (the paper step's), not the base's
     assert all(getattr(c, k) == v for k, v in QDROP_FIRST.items()) and (c.lr_alpha, c.lr_act, c.iters) == (1e-3, 4e-5, round(50 * 1.25))
+    cos = Run('ptmq_qdrop_first_cos', 4, g, 0).config(d)                   # the same run with annealed shift rates
+    assert dataclasses.replace(cos, lr_bias_schedule='constant') == c and cos.lr_bias_schedule == 'cosine'
+    d2 = dataclasses.replace(d, lr_bias_schedule='cosine')                 # a base that anneals: no method inherits it
+    assert all(Run(m, 4, g, 0).config(d2).lr_bias_schedule == 'constant' for m in ('ptmq', 'ptmq_two_stage_gain', 'ptmq_qdrop_first'))
 
 def test_two_stage_gain_splits_one_qdrop_runs_iterations():
     base = PTMQConfig(iters=200)

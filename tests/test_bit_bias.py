@@ -71,6 +71,22 @@ def test_the_row_follows_the_bit_width_and_the_highest_row_is_zero_with_lower():
         with quant_state(shifted, weights=False, acts=False), quant_state(plain, weights=False, acts=False):
             assert torch.equal(plain(x), shifted(x))                            # the float model has no shift
 
+def test_the_highest_row_with_lower_passes_the_output_through_equal_to_the_formula():
+    "With rows 'lower' the highest row returns the layer's output itself (no arithmetic): equal to x * (1 + g) + d with that row's zeros, gradient included."
+    _, shifted = _pair(lambda: CifarResNet(20), 'lower', gain=True)
+    layer = shifted.units[1].body[0]
+    bb, i = layer.bit_bias, BITS.index(8)
+    set_bits(shifted, 8)
+    h = torch.randn(2, 16, 8, 8)
+    assert bb(h) is h
+    bb.requires_grad_(True)
+    d, g = (bb.delta * bb.mask)[i].view(1, -1, 1, 1), (bb.gain * bb.mask)[i].view(1, -1, 1, 1)
+    assert torch.equal(bb(h), h * (1 + g) + d)
+    (h * (1 + g) + d).sum().backward()                                         # the formula's gradient on that row: zero
+    assert not bb.delta.grad[i].any() and not bb.gain.grad[i].any()
+    set_bits(shifted, 3)
+    assert bb(h) is not h and not torch.equal(bb(h), h)                      # the lower rows still shift
+
 def test_batched_tuple_plan_and_direct_index():
     _, qm = _pair(lambda: CifarResNet(20), 'all')
     x = torch.randn(2, 3, 32, 32)

@@ -1,7 +1,7 @@
 import math
 import pytest
 import torch
-from ptmq.quant import (fake_quant, round_ste, grad_scale, lsq_quant, qparams, minmax_qparams, mse_qparams, observe,
+from ptmq.quant import (_pow_, fake_quant, round_ste, grad_scale, lsq_quant, qparams, minmax_qparams, mse_qparams, observe,
                         WeightQuantizer, ActQuantizer)
 
 def test_fake_quant_equation():
@@ -63,7 +63,7 @@ def test_mse_observer_never_worse_than_minmax(bits):
     assert err(mse_qparams(x, bits)) <= err(minmax_qparams(x, bits))
     with pytest.raises(ValueError, match='unknown observer'): observe(x, bits, 'kl')
 
-@pytest.mark.parametrize('bits,p,per_channel', [(2, 2.0, False), (4, 2.4, False), (8, 2.0, False), (3, 2.0, True)])
+@pytest.mark.parametrize('bits,p,per_channel', [(2, 2.0, False), (4, 2.4, False), (8, 2.0, False), (3, 2.0, True), (8, 2.4, False), (3, 2.4, True)])
 def test_mse_observer_is_the_first_best_candidate(bits, p, per_channel):
     # the in-place search picks exactly the candidate a brute-force table of |fake_quant(x) - x|^p errors picks
     # (candidates c = 1, 0.99, ..., 0.01; the first of equal errors wins)
@@ -81,6 +81,17 @@ def test_mse_observer_is_the_first_best_candidate(bits, p, per_channel):
     if per_channel: want = [w.gather(0, pick[None])[0] for w in want]
     else: want = [w[pick] for w in want]
     assert torch.equal(s, want[0]) and torch.equal(z, want[1])
+
+def test_pow_in_place_integer_exact_non_integer_close_zero_tiny():
+    d = torch.cat([torch.zeros(100), torch.rand(10000, generator=torch.Generator().manual_seed(0)) * 0.1, torch.tensor([1e-20, 1e-10, 5.0])])
+    for p in (1.0, 2.0, 3.0, 0.5, 1.4):                                        # an integer exponent or one below 1.5: torch's pow, bit for bit
+        assert torch.equal(_pow_(d.clone(), p), d.pow(p))
+    for p in (1.5, 2.4, 3.7):
+        got, want = _pow_(d.clone(), p), d.pow(p)
+        nz = want > 1e-30
+        assert torch.allclose(got[nz], want[nz], rtol=1e-5, atol=0)             # exp(p log d): a few units in the last place
+        assert (got[:100] <= 1.7e-38).all() and (got[:100] >= 0).all()          # an exact 0: 0 or below 1.7e-38
+    e = d.clone(); assert _pow_(e, 2.4) is e                                    # in place
 
 def test_adaround_initial_h_equals_frac_and_modes():
     w = torch.randn(6, 3, 3, 3)

@@ -160,6 +160,30 @@ def test_stage1_qdrop_keeps_the_qdrop_model_at_the_highest_bit_width_bit_for_bit
     alone, none = dataclasses.replace(cfg, iters=3).stages()                         # no whole step left for stage 2: still QDrop's run
     assert none is None and (alone.single_bits, alone.iters, alone.stage1) == (8, 3, 'ptmq')
 
+def test_lr_bias_schedule_cosine_anneals_the_shift_rates_over_each_stage(monkeypatch):
+    "lr_bias_schedule='cosine': the shifts' and gains' Adam rate follows a cosine from lr_bias to 0 over each stage, stepped every iteration; 'constant' makes no such schedule."
+    made = []
+    class Cos(torch.optim.lr_scheduler.CosineAnnealingLR):
+        def __init__(self, opt, *a, **k): super().__init__(opt, *a, **k); made.append(self)
+    monkeypatch.setattr(torch.optim.lr_scheduler, 'CosineAnnealingLR', Cos)
+    torch.manual_seed(0)
+    fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    kw = dict(step_passes='one', iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25, stage1='qdrop', seed=2)
+    runs = {}
+    for sched in ('constant', 'cosine'):
+        made.clear()
+        runs[sched] = ptmq(fp, calib, _cfg(lr_bias_schedule=sched, **kw), progress=False)
+        shift = [s for s in made if any(p is b.delta for b in _biases(runs[sched]) for g in s.optimizer.param_groups for p in g['params'])]
+        if sched == 'constant': assert not shift
+        else:
+            assert shift and all(s.base_lrs == [1e-2] and s.T_max in (6, 2) and s.last_epoch == s.T_max for s in shift)   # from lr_bias, stepped to the stage's end
+            assert all(s.optimizer.param_groups[0]['lr'] == 0.0 for s in shift)
+    a, b = runs['constant'], runs['cosine']
+    with torch.no_grad():
+        assert torch.equal(set_bits(a, 8)(x), set_bits(b, 8)(x))                      # the highest bit-width: QDrop's either way
+        assert not torch.equal(set_bits(a, 3)(x), set_bits(b, 3)(x))                  # the lower ones: other shift rates, other shifts
+    with pytest.raises(ValueError, match="lr_bias_schedule must be one of"): PTMQConfig(lr_bias_schedule='linear')
+
 def test_two_stage_and_gain_errors():
     with pytest.raises(ValueError, match="bit_gain adds a gain beside each shift: it needs bit_bias"): PTMQConfig(bit_gain=True)
     with pytest.raises(ValueError, match="bit_gain adds a gain"): quantize_model(CifarResNet(8), 4, BITS, bit_gain=True)
