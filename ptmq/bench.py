@@ -427,7 +427,7 @@ def time_table(records: Sequence[dict[str, Any]]):
 def _palette() -> dict:
     "One fixed colour per method, however many methods there are."
     import seaborn as sns
-    colors = sns.color_palette('tab10') + sns.color_palette('Set2') + sns.color_palette('Dark2')
+    colors = sns.color_palette('tab10') + sns.color_palette('Set2') + sns.color_palette('Dark2') + sns.color_palette('Set1')   # 35, the earlier methods' first
     return {m: colors[i % len(colors)] for i, m in enumerate(METHODS)}
 
 def plot_benchmark(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | None = None):
