@@ -111,6 +111,13 @@ METHODS: dict[str, Method] = {
     'ptmq_qdrop_first_cos': Method('PTMQ, QDrop first, shift rates annealed', 'multi', {**QDROP_FIRST, 'lr_bias_schedule': 'cosine'},
                                    "ptmq_qdrop_first with the shifts' and gains' rate annealed to 0 over the second stage (cosine, as the activation "
                                    "steps' rate is) instead of constant", iters_scale=1.25, iters_of='single'),
+    'ptmq_paper_first': Method("PTMQ, two stages: the paper's step, then steps, shifts and gains per lower bit-width", 'multi',
+                               {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine'},
+                               "per unit, the paper's three-pass step (PAPER_STEP) on 4/5 of the iterations with the shifts at rest: every "
+                               "rounding and the highest bit-width ARE the ptmq model's at those iterations, bit for bit; then, once every unit "
+                               "is done, a second sweep trains the lower bit-widths' activation steps (Adam 1e-3) and a per-channel shift and gain "
+                               "each (Adam 1e-2, annealed) on the low and mid passes (drawn half each) for the last 1/5, on a stream of its own; "
+                               "1.25 x multi_iters in all", iters_scale=1.25),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

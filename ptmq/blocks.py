@@ -60,10 +60,10 @@ class BitBias(nn.Module):
         self.bits, self.rows, self.dim = tuple(int(b) for b in bits), rows, dim
         self.delta = nn.Parameter(torch.zeros(len(self.bits), channels))
         self.gain = nn.Parameter(torch.zeros(len(self.bits), channels)) if gain else None    # g, from zero: the layer's own scale at the start
-        mask = torch.ones(len(self.bits), 1)
-        if rows == 'lower': mask[self.bits.index(max(self.bits))] = 0.0     # the highest bit-width: no shift, ever (no gradient either)
-        self.register_buffer('mask', mask)
         self._off = self.bits.index(max(self.bits)) if rows == 'lower' else None   # the row that never shifts: the layer's output as it is
+        mask = torch.ones(len(self.bits), 1)
+        if self._off is not None: mask[self._off] = 0.0   # the highest bit-width: no shift, ever (no gradient either)
+        self.register_buffer('mask', mask)
         self._idx_tensors: dict = {}
         object.__setattr__(self, 'src', None)        # a reference, not a submodule: the quantizer lives in its own place
 

@@ -25,7 +25,7 @@ __all__ = ['log', 'STEP_PASSES', 'STAGE1', 'LR_SCHEDULES', 'PASS_NAMES', 'PTMQCo
 
 # %% ../nbs/07_reconstruction.ipynb #cdbb9d52
 STEP_PASSES = ('all', 'one')
-STAGE1 = ('ptmq', 'qdrop')
+STAGE1 = ('ptmq', 'qdrop', 'paper')
 LR_SCHEDULES = ('constant', 'cosine')
 PASS_NAMES = ('low', 'mid', 'high')
 
@@ -106,9 +106,11 @@ class PTMQConfig:
         if self.bit_gain and self.bit_bias == 'none': raise ValueError("bit_gain adds a gain beside each shift: it needs bit_bias 'lower' or 'all'")
         if not isinstance(self.stage2_share, (int, float)) or not 0 <= self.stage2_share < 1:
             raise ValueError(f"stage2_share must be a number in [0, 1), got {self.stage2_share!r}")
-        if self.stage2_share > 0 and (self.step_passes != 'one' or self.single_bits is not None or self.pairs is not None):
+        if self.stage2_share > 0 and (self.step_passes != ('all' if self.stage1 == 'paper' else 'one') or self.single_bits is not None
+                                      or self.pairs is not None):
             raise ValueError("stage2_share (a second stage with the rounding fixed) is for a multi-bit calibration over groups with "
-                             "step_passes='one': the stage-2 draw (stage2_lambdas) picks the pass each step trains")
+                             "step_passes='one' (with stage1='paper': 'all', the paper's step): the stage-2 draw (stage2_lambdas) picks "
+                             "the pass each step trains")
         if self.observe_on not in ('quantized', 'float'): raise ValueError(f"observe_on must be 'quantized' or 'float', got {self.observe_on!r}")
         if isinstance(self.block_drop, (list, tuple)):
             if not self.block_drop or not set(self.block_drop) <= set(PASS_NAMES) or len(set(self.block_drop)) < len(self.block_drop):
@@ -133,10 +135,11 @@ class PTMQConfig:
             MultiBitFeatureMixer(getattr(self, name), self.drop_prob, self.mfm)  # validates lambdas and p
         if self.stage2_lr_act is not None and not self.stage2_lr_act > 0: raise ValueError(f"stage2_lr_act must be None or > 0, got {self.stage2_lr_act!r}")
         if self.stage1 not in STAGE1: raise ValueError(f"stage1 must be one of {STAGE1}, got {self.stage1!r}")
-        if self.stage1 == 'qdrop' and (self.stage2_share == 0 or self.bit_bias == 'all' or self.stage2_lambdas[2] > 0):
-            raise ValueError("stage1='qdrop' runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it: it needs a second "
-                             "stage (stage2_share > 0) that trains only the lower bit-widths (no high pass in stage2_lambdas, "
-                             "bit_bias 'none' or 'lower')")
+        if self.stage1 != 'ptmq' and (self.stage2_share == 0 or self.bit_bias == 'all' or self.stage2_lambdas[2] > 0):
+            made = ("runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it" if self.stage1 == 'qdrop' else
+                    "runs the paper's three-pass step with the shifts at rest and leaves the highest bit-width as that step made it")
+            raise ValueError(f"stage1={self.stage1!r} {made}: it needs a second stage (stage2_share > 0) that trains only the lower "
+                             "bit-widths (no high pass in stage2_lambdas, bit_bias 'none' or 'lower')")
 
     @property
     def a_bits(self) -> tuple[int, ...]:
@@ -165,12 +168,12 @@ class PTMQConfig:
         return self.bit_gain and self.shifts != 'none'
 
     def stages(self) -> tuple['PTMQConfig', 'PTMQConfig | None']:
-        "Each unit's stages: the first trains the rounding (all of `iters` without a second; per-bit QDrop at the highest bit-width with `stage1='qdrop'`); with `stage2_share`, the second trains the rest with the rounding fixed."
+        "Each unit's stages: the first trains the rounding (all of `iters` without a second; per-bit QDrop at the highest bit-width with `stage1='qdrop'`, the paper's three-pass step with `stage1='paper'`); with `stage2_share`, the second trains the rest with the rounding fixed, one pass per step ('paper': once every unit's first is done)."
         n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
         first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq')
         if self.stage1 == 'qdrop': first = dataclasses.replace(first, single_bits=max(self.a_bits), block_drop=True)   # the qdrop baseline's run
         if n2 == 0: return first, None                 # one stage (or too few steps for a second): the first alone
-        return first, dataclasses.replace(self, iters=n2, mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
+        return first, dataclasses.replace(self, iters=n2, step_passes='one', mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
                                           lr_act=self.lr_act if self.stage2_lr_act is None else self.stage2_lr_act)
 
     @property
@@ -337,10 +340,11 @@ def _generators(seed: int, dev: torch.device) -> tuple[torch.Generator, torch.Ge
     return gen, (gen if dev.type == 'cpu' else torch.Generator(device=dev).manual_seed(seed))
 
 def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: Tensor, cfg: PTMQConfig,
-           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True, shared: bool = True) -> list[dict[str, float]]:
-    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train; `shared=False`: the steps every bit-width shares (a fixed 8-bit quantizer) stay as they are too."
+           gen: torch.Generator, dgen: torch.Generator, bar, dev: torch.device, rounding: bool = True, shared: bool = True,
+           train_shifts: bool = True) -> list[dict[str, float]]:
+    "`cfg.iters` steps on one unit; `rounding=False` (a second stage): the rounding stays as it is, the activation steps and shifts train; `shared=False`: the steps every bit-width shares (a fixed 8-bit quantizer) stay as they are too; `train_shifts=False`: the shifts (and gains) stay at rest."
     wqs, aqs = weight_quantizers(unit) if rounding else [], [q for q in act_quantizers(unit) if shared or q.switchable]
-    biases = [b for b in unit.modules() if isinstance(b, BitBias)]
+    biases = [b for b in unit.modules() if isinstance(b, BitBias)] if train_shifts else []
     if not (wqs or aqs or biases):                    # nothing left to train (a classifier with fixed 8-bit weights, in a second stage)
         bar.update(cfg.iters)
         return []
@@ -400,6 +404,14 @@ def _train(unit: nn.Module, k: int, x_fp: Tensor, xs: dict[int, Tensor], y_fp: T
 def _sync(dev: torch.device) -> None:
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
+def _float_out(unit: nn.Module, x_fp: Tensor, dev: torch.device, store: torch.device) -> Tensor:
+    "The float unit's output over `x_fp`: the target of its reconstruction and the next unit's float input."
+    with quant_state(unit, weights=False, acts=False): return _run(unit, x_fp, dev=dev, store=store)
+
+def _pass_outs(unit: nn.Module, xs: dict, dev: torch.device, store: torch.device) -> dict:
+    "The unit's output in each pass over that pass's input: the next unit's inputs per bit-width (or (w, a) pair)."
+    return {k: _run(_set_pass(unit, k), x, dev=dev, store=store) for k, x in xs.items()}
+
 def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool = True) -> CalibrationResult:
     "Run PTMQ block-wise reconstruction (or round-to-nearest when `cfg.iters == 0`) on `qmodel`, in place."
     missing = set(cfg.a_bits) - set(qmodel.a_bits)
@@ -424,30 +436,44 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds, loop_seconds, stores = [], [], [], set()
     first, second = cfg.stages()                       # each unit's stage configs, made once
-    own = cfg.stage1 == 'qdrop'                        # stage 1 is the qdrop baseline's run bit for bit: stage 2 draws from its own stream and trains only what is per bit-width
+    own = cfg.stage1 != 'ptmq'                         # stage 1 is a run of its own (the qdrop baseline's, the paper's step) bit for bit: the shifts rest in it, stage 2 draws from its own stream and trains only what is per bit-width
+    after = second is not None and cfg.stage1 == 'paper'   # stage 2 in a sweep of its own once every unit's stage 1 is done: the paper's step sees the lower passes as the paper's step made them
     gen2 = _generators(cfg.seed + 2 ** 32, dev) if own else (gen, dgen)
+    x_calib = x_fp if after else None                  # the sweep of stage 2 starts again from the images
     with progress_bar(None, progress if total else False, total=total, desc='PTMQ' if cfg.iters else 'round-to-nearest', unit='it') as bar:
         for k, unit in enumerate(units):
             t0 = time.perf_counter()
             bar.set_postfix_str(f'unit {k + 1}/{len(units)} {type(unit).__name__}')
             for q in weight_quantizers(unit): q.set_mode('nearest')
             store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies); stores.add(str(store))
-            with quant_state(unit, weights=False, acts=False): y_fp = _run(unit, x_fp, dev=dev, store=store)
+            y_fp = _float_out(unit, x_fp, dev, store)
             _observe(unit, xs, cfg, dev, x_fp)
             _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
-                history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev)
+                history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev, train_shifts=not own)
                 for q in weight_quantizers(unit): q.set_mode('hard')
-                if second is not None:                 # the rounding fixed: the activation steps and shifts on the stage-2 draw
+                if second is not None and not after:   # the rounding fixed: the activation steps and shifts on the stage-2 draw
                     rows = _train(unit, k, x_fp, xs, y_fp, second, *gen2, bar, dev, rounding=False, shared=not own)
                     history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
             _sync(dev); loop_seconds.append(time.perf_counter() - t1)
-            new_xs = {k: _run(_set_pass(unit, k), xs[k], dev=dev, store=store) for k in cfg.passes}
-            xs, x_fp = new_xs, y_fp
+            xs, x_fp = _pass_outs(unit, xs, dev, store), y_fp
             _sync(dev); unit_seconds.append(time.perf_counter() - t0)
             done = sum(unit_seconds)
             if cfg.iters and k + 1 < len(units):
                 log.info("unit %d/%d done in %.1fs; about %.0fs left", k + 1, len(units), unit_seconds[-1], done / (k + 1) * (len(units) - k - 1))
+        if after:                                      # stage 2 after every unit's stage 1, unit by unit on the inputs it makes
+            x_fp, xs = x_calib, {k: x_calib for k in cfg.passes}
+            for k, unit in enumerate(units):
+                t0 = time.perf_counter()
+                bar.set_postfix_str(f'stage 2, unit {k + 1}/{len(units)} {type(unit).__name__}')
+                store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies)
+                y_fp = _float_out(unit, x_fp, dev, store)
+                _sync(dev); t1 = time.perf_counter()
+                rows = _train(unit, k, x_fp, xs, y_fp, second, *gen2, bar, dev, rounding=False, shared=False)
+                history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
+                _sync(dev); loop_seconds[k] += time.perf_counter() - t1
+                xs, x_fp = _pass_outs(unit, xs, dev, store), y_fp
+                _sync(dev); unit_seconds[k] += time.perf_counter() - t0
     _set_pass(qmodel, max(cfg.pairs.high) if cfg.pairs is not None else max(cfg.a_bits))
     seconds = time.perf_counter() - t_start
     log.info("calibration finished in %.1fs", seconds)

@@ -2,7 +2,8 @@
 are the shift-only model bit for bit, a gain row scales its channel and follows the bit-width, freeze/save/load/export keep
 it exactly (format 4; the ONNX export is tested in tests/test_bit_bias.py), the second stage leaves the rounding and the
 highest bit-width's rows as the first stage left them and trains only the rest, with `stage1='qdrop'` the highest bit-width
-is the per-bit QDrop model bit for bit, and bad settings get clear errors."""
+is the per-bit QDrop model bit for bit, with `stage1='paper'` every rounding and the highest bit-width are the paper's step's
+bit for bit (the second stage runs after every unit's first), and bad settings get clear errors."""
 import dataclasses, math
 import pytest
 import torch
@@ -200,10 +201,41 @@ def test_two_stage_and_gain_errors():
         calibrate(qm, torch.randn(4, 3, 32, 32), _cfg(iters=0, bit_bias='lower', bit_gain=True))
     assert PTMQConfig(single_bits=4, bit_bias='lower', bit_gain=True).gains is False          # a single-bit run builds no shift, so no gain
     with pytest.raises(ValueError, match="unknown PTMQ config key"): PTMQConfig.from_dict({'stage2': 0.5})
-    with pytest.raises(ValueError, match=r"stage1 must be one of \('ptmq', 'qdrop'\)"): PTMQConfig(stage1='QDrop')
+    with pytest.raises(ValueError, match=r"stage1 must be one of \('ptmq', 'qdrop', 'paper'\)"): PTMQConfig(stage1='QDrop')
     with pytest.raises(ValueError, match="stage2_lr_act must be None or > 0"): PTMQConfig(stage2_lr_act=0)
     ok = dict(step_passes='one', stage2_share=0.2, bit_bias='lower', stage1='qdrop')
     PTMQConfig(**ok)
     for kw in ({'stage2_share': 0.0}, {'bit_bias': 'all'}, {'stage2_lambdas': (0.4, 0.4, 0.2)}):
         with pytest.raises(ValueError, match="stage1='qdrop' runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it"):
             PTMQConfig(**{**ok, **kw})
+
+def test_stage1_paper_keeps_the_papers_step_bit_for_bit_and_trains_the_lower_bit_widths_after_it():
+    "stage1='paper': every unit's first stage is the paper's three-pass step with the shifts at rest; the second stage runs once every unit's first is done (the paper's step sees the lower passes as it made them), on a stream of its own, lower bit-widths only."
+    torch.manual_seed(0)
+    fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    cfg = _cfg(iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25, stage1='paper', seed=2)
+    first, second = cfg.stages()
+    assert (first.step_passes, first.iters, first.stage1, second.step_passes, second.iters, second.lr_act) == ('all', 6, 'ptmq', 'one', 2, 1e-3)
+    qm = ptmq(fp, calib, cfg, progress=False)
+    paper = ptmq(fp, calib, _cfg(iters=6, batch_size=4, seed=2), progress=False)     # the paper's step alone, no shifts built
+    layers = lambda m: [l for l in m.modules() if isinstance(l, QuantLayer)]
+    assert all(torch.equal(a.wq.codes(a.layer.weight), b.wq.codes(b.layer.weight)) for a, b in zip(layers(qm), layers(paper)))   # every rounding
+    with torch.no_grad():
+        assert torch.equal(set_bits(qm, 8)(x), set_bits(paper, 8)(x))
+        assert not torch.equal(set_bits(qm, 3)(x), set_bits(paper, 3)(x))          # the lower bit-widths: their steps, shifts and gains trained
+    assert all(torch.count_nonzero(b.gain[:2]) > 0 and torch.count_nonzero(b.gain[2] * b.mask[2]) == 0 for b in _biases(qm))
+    head = [q for q in act_quantizers(qm) if not q.switchable]                      # the fixed 8-bit quantizer every bit-width shares: the paper's step's
+    assert head and all(torch.equal(q.scale, r.scale) for q, r in zip(head, [q for q in act_quantizers(paper) if not q.switchable]))
+    h = qm.calibration.history
+    one, two = [r for r in h if r['iter'] < 6], [r for r in h if r['iter'] >= 6]
+    assert h == one + two and one and two                                            # the stage-2 sweep after the whole stage-1 sweep
+    assert all(not math.isnan(r['gd_h_l']) and not math.isnan(r['gd_h_m']) for r in one)          # three passes a step
+    assert all(math.isnan(r['gd_h_l']) != math.isnan(r['gd_h_m']) for r in two)                    # one pass, low or mid
+    assert len(qm.calibration.unit_seconds) == len(qm.units) == len(qm.calibration.loop_seconds)
+    again = ptmq(fp, calib, cfg, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(qm.state_dict().values(), again.state_dict().values()))   # deterministic
+    ok = dict(stage2_share=0.2, bit_bias='lower', stage1='paper')
+    PTMQConfig(**ok)
+    with pytest.raises(ValueError, match=r"with stage1='paper': 'all', the paper's step"): PTMQConfig(**ok, step_passes='one')
+    for kw in ({'stage2_share': 0.0}, {'bit_bias': 'all'}, {'stage2_lambdas': (0.4, 0.4, 0.2)}):
+        with pytest.raises(ValueError, match="stage1='paper' runs the paper's three-pass step with the shifts at rest"): PTMQConfig(**{**ok, **kw})
