@@ -118,6 +118,13 @@ METHODS: dict[str, Method] = {
                                "is done, a second sweep trains the lower bit-widths' activation steps (Adam 1e-3) and a per-channel shift and gain "
                                "each (Adam 1e-2, annealed) on the low and mid passes (drawn half each) for the last 1/5, on a stream of its own; "
                                "1.25 x multi_iters in all", iters_scale=1.25),
+    'ptmq_paper_first_high': Method("PTMQ, the paper's step weighted to the high pass, then steps, shifts and gains per lower bit-width", 'multi',
+                                    {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine',
+                                     'gd_fp': 'each', 'mix_lambdas': (0.2, 0.2, 0.6), 'lr_alpha': 4e-3, 'stage1_shifts': True},
+                                    "ptmq_paper_first with its three-pass step changed in four fields: GD-Loss's float term per pass "
+                                    "(gd_fp 'each'), the low, mid and high passes weighted 0.2 / 0.2 / 0.6, the rounding's rate 4e-3, "
+                                    "and the lower bit-widths' shifts and gains training beside the rounding (stage1_shifts); "
+                                    "1.25 x multi_iters in all", iters_scale=1.25),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

@@ -62,6 +62,7 @@ class PTMQConfig:
     stage2_lambdas: tuple[float, float, float] = (0.5, 0.5, 0.0)
     stage2_lr_act: float | None = None
     stage1: str = 'ptmq'
+    stage1_shifts: bool = False
     observer: str = 'mse_grid'
     a_observer: str = 'mse'
     observer_p: float = 2.4
@@ -140,6 +141,11 @@ class PTMQConfig:
                     "runs the paper's three-pass step with the shifts at rest and leaves the highest bit-width as that step made it")
             raise ValueError(f"stage1={self.stage1!r} {made}: it needs a second stage (stage2_share > 0) that trains only the lower "
                              "bit-widths (no high pass in stage2_lambdas, bit_bias 'none' or 'lower')")
+        if not isinstance(self.stage1_shifts, bool): raise ValueError(f"stage1_shifts must be true or false, got {self.stage1_shifts!r}")
+        if self.stage1_shifts and (self.stage1 != 'paper' or self.shifts != 'lower'):
+            raise ValueError("stage1_shifts trains the shifts per lower bit-width in the paper's step of stage1='paper' (the other "
+                             f"first stages: 'ptmq' trains them anyway, 'qdrop' has one bit-width): it needs stage1='paper' and bit_bias "
+                             f"'lower', got stage1={self.stage1!r}, bit_bias={self.bit_bias!r}")
 
     @property
     def a_bits(self) -> tuple[int, ...]:
@@ -170,10 +176,10 @@ class PTMQConfig:
     def stages(self) -> tuple['PTMQConfig', 'PTMQConfig | None']:
         "Each unit's stages: the first trains the rounding (all of `iters` without a second; per-bit QDrop at the highest bit-width with `stage1='qdrop'`, the paper's three-pass step with `stage1='paper'`); with `stage2_share`, the second trains the rest with the rounding fixed, one pass per step ('paper': once every unit's first is done)."
         n2 = math.floor(self.iters * self.stage2_share + 1e-9)     # 0.29 x 100 is 28.999...: 29 steps, as written
-        first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq')
+        first = dataclasses.replace(self, iters=self.iters - n2, stage2_share=0.0, stage1='ptmq', stage1_shifts=False)
         if self.stage1 == 'qdrop': first = dataclasses.replace(first, single_bits=max(self.a_bits), block_drop=True)   # the qdrop baseline's run
         if n2 == 0: return first, None                 # one stage (or too few steps for a second): the first alone
-        return first, dataclasses.replace(self, iters=n2, step_passes='one', mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq',
+        return first, dataclasses.replace(self, iters=n2, step_passes='one', mix_lambdas=self.stage2_lambdas, stage2_share=0.0, stage1='ptmq', stage1_shifts=False,
                                           lr_act=self.lr_act if self.stage2_lr_act is None else self.stage2_lr_act)
 
     @property
@@ -412,6 +418,11 @@ def _pass_outs(unit: nn.Module, xs: dict, dev: torch.device, store: torch.device
     "The unit's output in each pass over that pass's input: the next unit's inputs per bit-width (or (w, a) pair)."
     return {k: _run(_set_pass(unit, k), x, dev=dev, store=store) for k, x in xs.items()}
 
+def _second_stage(unit, k, x_fp, xs, y_fp, first: PTMQConfig, second: PTMQConfig, gens, bar, dev, own: bool) -> list[dict[str, float]]:
+    "One unit's second stage (the rounding fixed: the activation steps and shifts on the stage-2 draw; after a first stage of its own, only what is per bit-width), its history counted on from the first stage's steps."
+    rows = _train(unit, k, x_fp, xs, y_fp, second, *gens, bar, dev, rounding=False, shared=not own)
+    return [{**r, 'iter': r['iter'] + first.iters} for r in rows]
+
 def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool = True) -> CalibrationResult:
     "Run PTMQ block-wise reconstruction (or round-to-nearest when `cfg.iters == 0`) on `qmodel`, in place."
     missing = set(cfg.a_bits) - set(qmodel.a_bits)
@@ -434,7 +445,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     total = len(units) * cfg.iters
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
-    history, unit_seconds, loop_seconds, stores = [], [], [], set()
+    history, unit_seconds, loop_seconds, placed = [], [], [], []   # placed: where each unit's cached outputs live (both sweeps)
     first, second = cfg.stages()                       # each unit's stage configs, made once
     own = cfg.stage1 != 'ptmq'                         # stage 1 is a run of its own (the qdrop baseline's, the paper's step) bit for bit: the shifts rest in it, stage 2 draws from its own stream and trains only what is per bit-width
     after = second is not None and cfg.stage1 == 'paper'   # stage 2 in a sweep of its own once every unit's stage 1 is done: the paper's step sees the lower passes as the paper's step made them
@@ -445,39 +456,36 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
             t0 = time.perf_counter()
             bar.set_postfix_str(f'unit {k + 1}/{len(units)} {type(unit).__name__}')
             for q in weight_quantizers(unit): q.set_mode('nearest')
-            store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies); stores.add(str(store))
+            store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies); placed.append(store)
             y_fp = _float_out(unit, x_fp, dev, store)
             _observe(unit, xs, cfg, dev, x_fp)
             _sync(dev); t1 = time.perf_counter()
             if cfg.iters > 0:
-                history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev, train_shifts=not own)
+                history += _train(unit, k, x_fp, xs, y_fp, first, gen, dgen, bar, dev, train_shifts=not own or cfg.stage1_shifts)
                 for q in weight_quantizers(unit): q.set_mode('hard')
-                if second is not None and not after:   # the rounding fixed: the activation steps and shifts on the stage-2 draw
-                    rows = _train(unit, k, x_fp, xs, y_fp, second, *gen2, bar, dev, rounding=False, shared=not own)
-                    history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
+                if second is not None and not after: history += _second_stage(unit, k, x_fp, xs, y_fp, first, second, gen2, bar, dev, own)
             _sync(dev); loop_seconds.append(time.perf_counter() - t1)
             xs, x_fp = _pass_outs(unit, xs, dev, store), y_fp
             _sync(dev); unit_seconds.append(time.perf_counter() - t0)
             done = sum(unit_seconds)
-            if cfg.iters and k + 1 < len(units):
-                log.info("unit %d/%d done in %.1fs; about %.0fs left", k + 1, len(units), unit_seconds[-1], done / (k + 1) * (len(units) - k - 1))
+            if cfg.iters and k + 1 < len(units):              # the second sweep counted as first-stage steps: over, as its steps are one pass
+                left = len(units) - k - 1 + (len(units) * second.iters / max(1, first.iters) if after else 0)
+                log.info("unit %d/%d done in %.1fs; about %.0fs left", k + 1, len(units), unit_seconds[-1], done / (k + 1) * left)
         if after:                                      # stage 2 after every unit's stage 1, unit by unit on the inputs it makes
             x_fp, xs = x_calib, {k: x_calib for k in cfg.passes}
             for k, unit in enumerate(units):
                 t0 = time.perf_counter()
                 bar.set_postfix_str(f'stage 2, unit {k + 1}/{len(units)} {type(unit).__name__}')
-                store = _store(cfg, dev, lambda: _out_bytes(unit, x_fp, dev), len(x_fp), copies)
-                y_fp = _float_out(unit, x_fp, dev, store)
+                y_fp = _float_out(unit, x_fp, dev, placed[k])   # where the first sweep kept this unit's outputs
                 _sync(dev); t1 = time.perf_counter()
-                rows = _train(unit, k, x_fp, xs, y_fp, second, *gen2, bar, dev, rounding=False, shared=False)
-                history += [{**r, 'iter': r['iter'] + first.iters} for r in rows]
+                history += _second_stage(unit, k, x_fp, xs, y_fp, first, second, gen2, bar, dev, own)
                 _sync(dev); loop_seconds[k] += time.perf_counter() - t1
-                xs, x_fp = _pass_outs(unit, xs, dev, store), y_fp
+                xs, x_fp = _pass_outs(unit, xs, dev, placed[k]), y_fp
                 _sync(dev); unit_seconds[k] += time.perf_counter() - t0
     _set_pass(qmodel, max(cfg.pairs.high) if cfg.pairs is not None else max(cfg.a_bits))
     seconds = time.perf_counter() - t_start
     log.info("calibration finished in %.1fs", seconds)
-    return CalibrationResult(history, unit_seconds, seconds, len(calib), str(dev), loop_seconds, '+'.join(sorted(stores)))
+    return CalibrationResult(history, unit_seconds, seconds, len(calib), str(dev), loop_seconds, '+'.join(sorted({str(s) for s in placed})))
 
 # %% ../nbs/07_reconstruction.ipynb #65cc708f
 def ptmq(model: nn.Module, calib: Tensor, cfg: PTMQConfig | None = None, progress: bool = True) -> QuantModel:

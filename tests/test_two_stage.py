@@ -239,3 +239,26 @@ def test_stage1_paper_keeps_the_papers_step_bit_for_bit_and_trains_the_lower_bit
     with pytest.raises(ValueError, match=r"with stage1='paper': 'all', the paper's step"): PTMQConfig(**ok, step_passes='one')
     for kw in ({'stage2_share': 0.0}, {'bit_bias': 'all'}, {'stage2_lambdas': (0.4, 0.4, 0.2)}):
         with pytest.raises(ValueError, match="stage1='paper' runs the paper's three-pass step with the shifts at rest"): PTMQConfig(**{**ok, **kw})
+
+def test_stage1_shifts_trains_the_shifts_in_the_papers_step_and_keeps_its_rounding():
+    "stage1_shifts: the first stage of stage1='paper' is the three-pass step with the shifts per lower bit-width training beside the rounding, bit for bit the one-stage run of the first stage's config (every rounding, A8); the second sweep then moves the lower bit-widths only."
+    torch.manual_seed(0)
+    fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    cfg = _cfg(iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25, stage1='paper',
+               stage1_shifts=True, seed=2)
+    first, second = cfg.stages()
+    assert not first.stage1_shifts and not second.stage1_shifts and first.bit_bias == 'lower'
+    qm, one = ptmq(fp, calib, cfg, progress=False), ptmq(fp, calib, first, progress=False)    # `one`: the first stage alone, shifts training
+    rest = ptmq(fp, calib, dataclasses.replace(cfg, stage1_shifts=False), progress=False)     # the shifts at rest in the paper's step
+    layers = lambda m: [l for l in m.modules() if isinstance(l, QuantLayer)]
+    codes = lambda m: [l.wq.codes(l.layer.weight) for l in layers(m)]
+    assert all(torch.equal(a, b) for a, b in zip(codes(qm), codes(one)))            # every rounding: the first stage's
+    assert not all(torch.equal(a, b) for a, b in zip(codes(qm), codes(rest)))       # ... which the training shifts changed
+    assert any(torch.count_nonzero(b.delta) > 0 for b in _biases(one))               # the shifts trained in the first stage
+    with torch.no_grad():
+        assert torch.equal(set_bits(qm, 8)(x), set_bits(one, 8)(x))
+        assert not torch.equal(set_bits(qm, 3)(x), set_bits(one, 3)(x))           # the second sweep: the lower bit-widths
+    with pytest.raises(ValueError, match="stage1_shifts trains the shifts per lower bit-width"): PTMQConfig(stage1_shifts=True, bit_bias='lower')
+    with pytest.raises(ValueError, match="got stage1='paper', bit_bias='none'"):
+        PTMQConfig(stage1_shifts=True, stage1='paper', stage2_share=0.2)
+    with pytest.raises(ValueError, match="stage1_shifts must be true or false"): PTMQConfig(stage1_shifts=1)
