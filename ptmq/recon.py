@@ -447,7 +447,7 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
     history, unit_seconds, loop_seconds, placed = [], [], [], []   # placed: where each unit's cached outputs live (both sweeps)
     first, second = cfg.stages()                       # each unit's stage configs, made once
-    own = cfg.stage1 != 'ptmq'                         # stage 1 is a run of its own (the qdrop baseline's, the paper's step) bit for bit: the shifts rest in it, stage 2 draws from its own stream and trains only what is per bit-width
+    own = cfg.stage1 != 'ptmq'                         # stage 1 is a run of its own (the qdrop baseline's, the paper's step) bit for bit: the shifts rest in it (unless stage1_shifts), stage 2 draws from its own stream and trains only what is per bit-width
     after = second is not None and cfg.stage1 == 'paper'   # stage 2 in a sweep of its own once every unit's stage 1 is done: the paper's step sees the lower passes as the paper's step made them
     gen2 = _generators(cfg.seed + 2 ** 32, dev) if own else (gen, dgen)
     x_calib = x_fp if after else None                  # the sweep of stage 2 starts again from the images
