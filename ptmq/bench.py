@@ -17,10 +17,10 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'METHODS', 'ROW_METHODS', 'Method', 'Run',
-           'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark',
-           'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row',
-           'reading', 'row_reading']
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'PAPER_FIRST', 'METHODS', 'ROW_METHODS',
+           'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model',
+           'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark',
+           'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ TWO_STAGE_GAIN = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_l
                   'lr_bias': 4e-3, 'stage2_share': 0.5}   # issue 14's two stages: the rounding on the high pass, then shifts and gains per lower bit-width
 QDROP_FIRST = {'stage1': 'qdrop', 'step_passes': 'one', 'bit_bias': 'lower', 'bit_gain': True, 'lr_bias': 1e-2, 'stage2_lr_act': 1e-3,
                'stage2_share': 0.2}   # per-bit QDrop at the highest bit-width (QDrop's rates: PAPER_STEP's), then 1/4 of its iterations for the lower ones
+PAPER_FIRST = {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine'}   # the paper's step first, the same second stage
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -112,15 +113,14 @@ METHODS: dict[str, Method] = {
                                    "ptmq_qdrop_first with the shifts' and gains' rate annealed to 0 over the second stage (cosine, as the activation "
                                    "steps' rate is) instead of constant", iters_scale=1.25, iters_of='single'),
     'ptmq_paper_first': Method("PTMQ, two stages: the paper's step, then steps, shifts and gains per lower bit-width", 'multi',
-                               {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine'},
+                               PAPER_FIRST,
                                "per unit, the paper's three-pass step (PAPER_STEP) on 4/5 of the iterations with the shifts at rest: every "
                                "rounding and the highest bit-width ARE the ptmq model's at those iterations, bit for bit; then, once every unit "
                                "is done, a second sweep trains the lower bit-widths' activation steps (Adam 1e-3) and a per-channel shift and gain "
                                "each (Adam 1e-2, annealed) on the low and mid passes (drawn half each) for the last 1/5, on a stream of its own; "
                                "1.25 x multi_iters in all", iters_scale=1.25),
     'ptmq_paper_first_high': Method("PTMQ, the paper's step weighted to the high pass, then steps, shifts and gains per lower bit-width", 'multi',
-                                    {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine',
-                                     'gd_fp': 'each', 'mix_lambdas': (0.2, 0.2, 0.6), 'lr_alpha': 4e-3, 'stage1_shifts': True},
+                                    {**PAPER_FIRST, 'gd_fp': 'each', 'mix_lambdas': (0.2, 0.2, 0.6), 'lr_alpha': 4e-3, 'stage1_shifts': True},
                                     "ptmq_paper_first with its three-pass step changed in four fields: GD-Loss's float term per pass "
                                     "(gd_fp 'each'), the low, mid and high passes weighted 0.2 / 0.2 / 0.6, the rounding's rate 4e-3, "
                                     "and the lower bit-widths' shifts and gains training beside the rounding (stage1_shifts); "

@@ -209,17 +209,23 @@ def test_two_stage_and_gain_errors():
         with pytest.raises(ValueError, match="stage1='qdrop' runs per-bit QDrop at the highest bit-width and leaves it as QDrop made it"):
             PTMQConfig(**{**ok, **kw})
 
-def test_stage1_paper_keeps_the_papers_step_bit_for_bit_and_trains_the_lower_bit_widths_after_it():
-    "stage1='paper': every unit's first stage is the paper's three-pass step with the shifts at rest; the second stage runs once every unit's first is done (the paper's step sees the lower passes as it made them), on a stream of its own, lower bit-widths only."
+def _paper_setup(**kw):
+    "A tiny ResNet, calibration and test images, and a stage1='paper' config with shifts and gains (8 steps: 6 + 2)."
     torch.manual_seed(0)
     fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    cfg = _cfg(iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25, stage1='paper', seed=2)
+    return fp, calib, x, _cfg(iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25,
+                              stage1='paper', seed=2, **kw)
+
+def _codes(m): return [l.wq.codes(l.layer.weight) for l in m.modules() if isinstance(l, QuantLayer)]
+
+def test_stage1_paper_keeps_the_papers_step_bit_for_bit_and_trains_the_lower_bit_widths_after_it():
+    "stage1='paper': every unit's first stage is the paper's three-pass step with the shifts at rest; the second stage runs once every unit's first is done (the paper's step sees the lower passes as it made them), on a stream of its own, lower bit-widths only."
+    fp, calib, x, cfg = _paper_setup()
     first, second = cfg.stages()
     assert (first.step_passes, first.iters, first.stage1, second.step_passes, second.iters, second.lr_act) == ('all', 6, 'ptmq', 'one', 2, 1e-3)
     qm = ptmq(fp, calib, cfg, progress=False)
     paper = ptmq(fp, calib, _cfg(iters=6, batch_size=4, seed=2), progress=False)     # the paper's step alone, no shifts built
-    layers = lambda m: [l for l in m.modules() if isinstance(l, QuantLayer)]
-    assert all(torch.equal(a.wq.codes(a.layer.weight), b.wq.codes(b.layer.weight)) for a, b in zip(layers(qm), layers(paper)))   # every rounding
+    assert all(torch.equal(a, b) for a, b in zip(_codes(qm), _codes(paper)))        # every rounding
     with torch.no_grad():
         assert torch.equal(set_bits(qm, 8)(x), set_bits(paper, 8)(x))
         assert not torch.equal(set_bits(qm, 3)(x), set_bits(paper, 3)(x))          # the lower bit-widths: their steps, shifts and gains trained
@@ -242,18 +248,13 @@ def test_stage1_paper_keeps_the_papers_step_bit_for_bit_and_trains_the_lower_bit
 
 def test_stage1_shifts_trains_the_shifts_in_the_papers_step_and_keeps_its_rounding():
     "stage1_shifts: the first stage of stage1='paper' is the three-pass step with the shifts per lower bit-width training beside the rounding, bit for bit the one-stage run of the first stage's config (every rounding, A8); the second sweep then moves the lower bit-widths only."
-    torch.manual_seed(0)
-    fp, calib, x = CifarResNet(8).eval(), torch.randn(16, 3, 32, 32), torch.randn(4, 3, 32, 32)
-    cfg = _cfg(iters=8, batch_size=4, bit_bias='lower', bit_gain=True, lr_bias=1e-2, stage2_lr_act=1e-3, stage2_share=0.25, stage1='paper',
-               stage1_shifts=True, seed=2)
+    fp, calib, x, cfg = _paper_setup(stage1_shifts=True)
     first, second = cfg.stages()
     assert not first.stage1_shifts and not second.stage1_shifts and first.bit_bias == 'lower'
     qm, one = ptmq(fp, calib, cfg, progress=False), ptmq(fp, calib, first, progress=False)    # `one`: the first stage alone, shifts training
     rest = ptmq(fp, calib, dataclasses.replace(cfg, stage1_shifts=False), progress=False)     # the shifts at rest in the paper's step
-    layers = lambda m: [l for l in m.modules() if isinstance(l, QuantLayer)]
-    codes = lambda m: [l.wq.codes(l.layer.weight) for l in layers(m)]
-    assert all(torch.equal(a, b) for a, b in zip(codes(qm), codes(one)))            # every rounding: the first stage's
-    assert not all(torch.equal(a, b) for a, b in zip(codes(qm), codes(rest)))       # ... which the training shifts changed
+    assert all(torch.equal(a, b) for a, b in zip(_codes(qm), _codes(one)))            # every rounding: the first stage's
+    assert not all(torch.equal(a, b) for a, b in zip(_codes(qm), _codes(rest)))       # ... which the training shifts changed
     assert any(torch.count_nonzero(b.delta) > 0 for b in _biases(one))               # the shifts trained in the first stage
     with torch.no_grad():
         assert torch.equal(set_bits(qm, 8)(x), set_bits(one, 8)(x))
