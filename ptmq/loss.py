@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['FP_TERMS', 'lp_distance', 'gd_loss', 'rounding_reg', 'beta_schedule']
+__all__ = ['FP_TERMS', 'lp_distance', 'gd_loss', 'balanced_sum', 'rounding_reg', 'beta_schedule']
 
 # %% ../nbs/06_gdloss.ipynb #ea10fd20
 def lp_distance(pred: Tensor, target: Tensor, p: float = 2.0) -> Tensor:
@@ -22,15 +22,26 @@ FP_TERMS = ('mix', 'each')
 
 def gd_loss(f_l: Tensor, f_m: Tensor, f_h: Tensor, f_fp: Tensor, lambdas: Sequence[float] = (1/3, 1/3, 1/3),
             g: Sequence[float] = (1.0, 1.0, 1.0), detach_teacher: bool = True, p: float = 2.0,
-            fp_term: str = 'mix') -> tuple[Tensor, dict[str, float]]:
-    "Group-wise distillation loss and its three terms `{'fp', 'h_m', 'h_l'}` (unweighted, detached: reading them is the caller's choice)."
+            fp_term: str = 'mix', balance: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    "Group-wise distillation loss and its three terms `{'fp', 'h_m', 'h_l'}` (unweighted, detached: reading them is the caller's choice). `balance` > 0: per pass, balanced (below)."
     if fp_term not in FP_TERMS: raise ValueError(f"fp_term must be one of {FP_TERMS}, got {fp_term!r}")
+    if not balance >= 0: raise ValueError(f"balance must be >= 0, got {balance!r}")
+    if balance and fp_term != 'each': raise ValueError("balance weighs each pass's own terms: it needs the float term per pass (fp_term='each')")
     if fp_term == 'mix': fp = lp_distance(lambdas[0] * f_l + lambdas[1] * f_m + lambdas[2] * f_h, f_fp, p)
-    else: fp = sum(l * lp_distance(f, f_fp, p) for l, f in zip(lambdas, (f_l, f_m, f_h)))
+    else:
+        ds = [lp_distance(f, f_fp, p) for f in (f_l, f_m, f_h)]
+        fp = sum(l * d for l, d in zip(lambdas, ds))
     teacher = f_h.detach() if detach_teacher else f_h
     terms = {'fp': fp, 'h_m': lp_distance(f_m, teacher, p), 'h_l': lp_distance(f_l, teacher, p)}
-    total = g[0] * terms['fp'] + g[1] * terms['h_m'] + g[2] * terms['h_l']
+    if balance: total = balanced_sum([g[0] * ds[0] + g[2] * terms['h_l'], g[0] * ds[1] + g[1] * terms['h_m'], g[0] * ds[2]], balance)
+    else: total = g[0] * terms['fp'] + g[1] * terms['h_m'] + g[2] * terms['h_l']
     return total, {k: v.detach() for k, v in terms.items()}
+
+# %% ../nbs/06_gdloss.ipynb #e2a278be
+def balanced_sum(losses: Sequence[Tensor], gamma: float) -> Tensor:
+    "`sum(x * (mean / x)^gamma)` over `losses`, the weights detached: each loss's gradient scaled by `(mean / x)^gamma`."
+    m = torch.stack([x.detach() for x in losses]).mean()
+    return sum(x * (m / x.detach().clamp_min(torch.finfo(x.dtype).tiny)) ** gamma for x in losses)
 
 # %% ../nbs/06_gdloss.ipynb #331fd315
 def rounding_reg(hs: Sequence[Tensor], beta: float) -> Tensor:

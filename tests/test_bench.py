@@ -80,6 +80,8 @@ def test_run_config_is_the_method_switch_and_nothing_else():
     assert Run('ptmq_mfm_no_fp', 4, g, 0).config(base).mfm == 'mix_no_fp'
     assert Run('ptmq_gd_fp_only', 4, g, 0).config(base).gd_weights == (1.0, 0.0, 0.0)
     assert Run('ptmq_teacher_grad', 4, g, 0).config(base).detach_teacher is False
+    assert [(c.gd_fp, c.gd_balance) for c in (Run(m, 4, g, 0).config(base) for m in ('ptmq', 'ptmq_balanced', 'ptmq_balanced_half'))] == \
+           [('mix', 0.0), ('each', 1.0), ('each', 0.5)]
     # apart from the switch, every method gets the same settings
     common = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('single_bits', 'drop_prob', 'block_drop', 'seed', 'mfm', 'gd_weights', 'detach_teacher')}
     assert common(q) == common(Run('ptmq', 4, g, 0).config(base))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 from ptmq.mfm import BitGroups, MultiBitFeatureMixer
-from ptmq.loss import lp_distance, gd_loss, rounding_reg, beta_schedule
+from ptmq.loss import lp_distance, gd_loss, balanced_sum, rounding_reg, beta_schedule
 from ptmq.recon import PTMQConfig
 
 def test_bitgroups_validation_and_sampling():
@@ -66,6 +66,50 @@ def test_gd_loss_float_term_per_pass():
     assert torch.allclose(f_h.grad, torch.full((2, 3), 0.25 * 2 * 1.0 / 2))       # lambda_h * 2 (f_h - f_fp) / batch
     with pytest.raises(ValueError, match="fp_term must be one of"): gd_loss(f_l, f_m, f_h, f_fp, fp_term='sum')
     with pytest.raises(ValueError, match="gd_fp must be one of"): PTMQConfig(gd_fp='sum')
+
+def test_gd_loss_balanced_per_pass():
+    "balance=gamma: each pass's group G_p weighted by (mean / G_p)^gamma, detached; the gradient per pass scaled by that weight."
+    f_fp = torch.zeros(2, 3)
+    mk = lambda: [torch.full((2, 3), v, requires_grad=True) for v in (3.0, 2.0, 1.0)]
+    (f_l, f_m, f_h), g = mk(), (1.0, 2.0, 0.5)
+    plain, terms = gd_loss(f_l, f_m, f_h, f_fp, g=g, fp_term='each')
+    G = [27 + 0.5 * 12, 12 + 2 * 3, 3]                      # g1 D(f_l) + g3 D(f_l, f_h), g1 D(f_m) + g2 D(f_m, f_h), g1 D(f_h)
+    M = sum(G) / 3
+    for gamma in (1.0, 0.5):
+        (f_l, f_m, f_h) = fs = mk()
+        total, t2 = gd_loss(f_l, f_m, f_h, f_fp, g=g, fp_term='each', balance=gamma)
+        assert {k: v.item() for k, v in t2.items()} == {k: v.item() for k, v in terms.items()}   # the reported terms are unchanged
+        assert total.item() == pytest.approx(sum(x * (M / x) ** gamma for x in G))
+        total.backward()
+        by_hand = [2 * 3 / 2 + 0.5 * 2 * (3 - 1) / 2, 2 * 2 / 2 + 2 * 2 * (2 - 1) / 2, 2 * 1 / 2]   # dG_p / df_p per element
+        for f, gr, x in zip(fs, by_hand, G): assert torch.allclose(f.grad, torch.full((2, 3), gr * (M / x) ** gamma))
+    # balanced_sum at gamma = 0 is the plain sum; a group at 0 gets no gradient and no nan
+    xs = [torch.tensor(v, requires_grad=True) for v in (4.0, 0.0, 1.0)]
+    assert balanced_sum(xs, 0.0).item() == 5.0
+    s = balanced_sum(xs, 1.0); s.backward()
+    assert torch.isfinite(s) and all(torch.isfinite(x.grad) for x in xs) and xs[0].grad.item() == pytest.approx(5 / 3 / 4)
+    with pytest.raises(ValueError, match="fp_term='each'"): gd_loss(f_l, f_m, f_h, f_fp, balance=1.0)
+    with pytest.raises(ValueError, match="balance must be >= 0"): gd_loss(f_l, f_m, f_h, f_fp, fp_term='each', balance=-1.0)
+    with pytest.raises(ValueError, match="gd_fp 'each'"): PTMQConfig(gd_balance=1.0)
+    with pytest.raises(ValueError, match="three-pass step"): PTMQConfig(gd_fp='each', gd_balance=1.0, step_passes='one')
+    with pytest.raises(ValueError, match=r"gd_balance must be a number in \[0, 4\]"): PTMQConfig(gd_fp='each', gd_balance='yes')
+    cfg = PTMQConfig(gd_fp='each', gd_balance=0.5, stage1='paper', stage2_share=0.2, stage2_lambdas=(0.5, 0.5, 0.0))
+    first, second = cfg.stages()
+    assert first.gd_balance == 0.5 and second.gd_balance == 0.0 and second.step_passes == 'one'   # the one-pass stage has nothing to balance
+
+def test_drift_warning_names_long_unbalanced_three_pass_w3_calibrations():
+    w3 = dict(w_bits=3, groups=BitGroups((3,), (4,), (8,)))
+    msg = PTMQConfig(**w3, iters=500).drift_warning()
+    assert msg.startswith('500 iterations per unit of the three-pass step with a 3-bit pass') and 'gd_balance: 0.5' in msg
+    assert PTMQConfig(**w3, iters=499).drift_warning() is None                              # short
+    assert PTMQConfig(**w3, iters=2000, gd_fp='each', gd_balance=0.5).drift_warning() is None   # balanced
+    assert PTMQConfig(**w3, iters=2000, gd_fp='each').drift_warning() is not None           # the float term per pass alone drifts too
+    assert PTMQConfig(iters=2000).drift_warning() is None                                   # W4, groups {4},{6},{8}
+    assert PTMQConfig(**w3, iters=2000, single_bits=3).drift_warning() is None              # one bit-width, nothing to drift
+    assert PTMQConfig(**w3, iters=2000, step_passes='one').drift_warning() is None
+    # with a second stage, only the three-pass share counts: 600 x (1 - 0.2) = 480 < 500
+    two = dict(stage1='paper', stage2_share=0.2, bit_bias='lower', bit_gain=True)
+    assert PTMQConfig(**w3, iters=600, **two).drift_warning() is None and PTMQConfig(**w3, iters=700, **two).drift_warning().startswith('560 ')
 
 def test_rounding_regulariser_and_beta_schedule():
     h = torch.tensor([0.0, 0.5, 1.0, 0.9])
