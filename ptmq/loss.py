@@ -37,7 +37,7 @@ def gd_loss(f_l: Tensor, f_m: Tensor, f_h: Tensor, f_fp: Tensor, lambdas: Sequen
     else: total = g[0] * terms['fp'] + g[1] * terms['h_m'] + g[2] * terms['h_l']
     return total, {k: v.detach() for k, v in terms.items()}
 
-# %% ../nbs/06_gdloss.ipynb #e2a278be
+# %% ../nbs/06_gdloss.ipynb #4aad2284
 def balanced_sum(losses: Sequence[Tensor], gamma: float) -> Tensor:
     "`sum(x * (mean / x)^gamma)` over `losses`, the weights detached: each loss's gradient scaled by `(mean / x)^gamma`."
     m = torch.stack([x.detach() for x in losses]).mean()
