@@ -129,6 +129,11 @@ METHODS: dict[str, Method] = {
                                     "(gd_fp 'each'), the low, mid and high passes weighted 0.2 / 0.2 / 0.6, the rounding's rate 4e-3, "
                                     "and the lower bit-widths' shifts and gains training beside the rounding (stage1_shifts); "
                                     "1.25 x multi_iters in all", iters_scale=1.25),
+    'ptmq_paper_first_balanced': Method("PTMQ, the paper's step with GD-Loss half balanced, then steps, shifts and gains per lower bit-width", 'multi',
+                                        {**PAPER_FIRST, 'gd_fp': 'each', 'gd_balance': 0.5},
+                                        "ptmq_paper_first with its three-pass step's GD-Loss per pass and half balanced (gd_fp 'each', "
+                                        "gd_balance 0.5): the rounding and the highest bit-width ARE ptmq_balanced_half's at 4/5 of the "
+                                        "iterations; 1.25 x multi_iters in all", iters_scale=1.25),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
