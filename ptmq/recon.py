@@ -182,7 +182,7 @@ class PTMQConfig:
 
     def drift_warning(self) -> str | None:
         "What to tell the user when this is a calibration the benchmarks saw drift: the three-pass step over a group of 3 bits or fewer, GD-Loss unbalanced, 500 iterations per unit or more."
-        n = self.iters - math.floor(self.iters * self.stage2_share + 1e-9)      # the three-pass step's share
+        n = self.stages()[0].iters                     # the three-pass step's share of a two-stage run
         if self.single_bits is not None or self.step_passes != 'all' or self.gd_balance or min(self.a_bits) > 3 or n < DRIFT_ITERS: return None
         return (f"{n} iterations per unit of the three-pass step with a {min(self.a_bits)}-bit pass and GD-Loss unbalanced: with length the "
                 f"shared rounding follows the lowest pass and the highest bit-width drifts (ResNet-56 W3 at 500: A8 63.63 against per-bit "
@@ -460,8 +460,8 @@ def calibrate(qmodel: QuantModel, calib: Tensor, cfg: PTMQConfig, progress: bool
     xs = {k: x_fp for k in cfg.passes}
     total = len(units) * cfg.iters
     if cfg.iters: log.info("PTMQ calibration: %d units x %d iterations, %d images, bits %s, on %s", len(units), cfg.iters, len(calib), cfg.a_bits, dev)
-    if (drift := cfg.drift_warning()) is not None: log.warning(drift)
     else: log.info("round-to-nearest: observers on %d images for bits %s, on %s", len(calib), cfg.a_bits, dev)
+    if (drift := cfg.drift_warning()) is not None: log.warning(drift)
     history, unit_seconds, loop_seconds, placed = [], [], [], []   # placed: where each unit's cached outputs live (both sweeps)
     first, second = cfg.stages()                       # each unit's stage configs, made once
     own = cfg.stage1 != 'ptmq'                         # stage 1 is a run of its own (the qdrop baseline's, the paper's step) bit for bit: the shifts rest in it (unless stage1_shifts), stage 2 draws from its own stream and trains only what is per bit-width
