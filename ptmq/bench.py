@@ -17,10 +17,10 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'PAPER_FIRST', 'METHODS', 'ROW_METHODS',
-           'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one', 'keeps_model',
-           'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table', 'plot_benchmark',
-           'plot_row', 'reading', 'row_reading']
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'PAPER_FIRST', 'BALANCED_HALF', 'METHODS',
+           'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one',
+           'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table',
+           'plot_benchmark', 'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ TWO_STAGE_GAIN = {'step_passes': 'one', 'lr_alpha': 4e-3, 'lr_act': 4e-4, 'mix_l
 QDROP_FIRST = {'stage1': 'qdrop', 'step_passes': 'one', 'bit_bias': 'lower', 'bit_gain': True, 'lr_bias': 1e-2, 'stage2_lr_act': 1e-3,
                'stage2_share': 0.2}   # per-bit QDrop at the highest bit-width (QDrop's rates: PAPER_STEP's), then 1/4 of its iterations for the lower ones
 PAPER_FIRST = {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine'}   # the paper's step first, the same second stage
+BALANCED_HALF = {'gd_fp': 'each', 'gd_balance': 0.5}   # GD-Loss per pass, each pass's terms weighted (mean / its own)^0.5
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -74,7 +75,7 @@ METHODS: dict[str, Method] = {
                                   'each pass on its own float-dropped input and matched to the float output; distillation kept'),
     'ptmq_balanced': Method('PTMQ, GD-Loss per pass, balanced', 'multi', {'gd_fp': 'each', 'gd_balance': 1.0},
                             "each pass's GD-Loss terms weighted by (the three passes' mean / its own), detached: every pass's relative error counts alike"),
-    'ptmq_balanced_half': Method('PTMQ, GD-Loss per pass, half balanced', 'multi', {'gd_fp': 'each', 'gd_balance': 0.5},
+    'ptmq_balanced_half': Method('PTMQ, GD-Loss per pass, half balanced', 'multi', BALANCED_HALF,
                                  "as ptmq_balanced with the weights' exponent 0.5: (mean / its own)^0.5"),
     'ptmq_wset': Method('PTMQ, one calibration for the row', 'wset', {},
                         "one calibration for every (weight, activation) pair of a row setting: weights switch too (issue 16)"),
@@ -130,7 +131,7 @@ METHODS: dict[str, Method] = {
                                     "and the lower bit-widths' shifts and gains training beside the rounding (stage1_shifts); "
                                     "1.25 x multi_iters in all", iters_scale=1.25),
     'ptmq_paper_first_balanced': Method("PTMQ, the paper's step with GD-Loss half balanced, then steps, shifts and gains per lower bit-width", 'multi',
-                                        {**PAPER_FIRST, 'gd_fp': 'each', 'gd_balance': 0.5},
+                                        {**PAPER_FIRST, **BALANCED_HALF},
                                         "ptmq_paper_first with its three-pass step's GD-Loss per pass and half balanced (gd_fp 'each', "
                                         "gd_balance 0.5): the rounding and the highest bit-width ARE ptmq_balanced_half's at 4/5 of the "
                                         "iterations; 1.25 x multi_iters in all", iters_scale=1.25),
