@@ -135,6 +135,10 @@ METHODS: dict[str, Method] = {
                                         "ptmq_paper_first with its three-pass step's GD-Loss per pass and half balanced (gd_fp 'each', "
                                         "gd_balance 0.5): the rounding and the highest bit-width ARE ptmq_balanced_half's at 4/5 of the "
                                         "iterations; 1.25 x multi_iters in all", iters_scale=1.25),
+    'ptmq_paper_first_balanced_long': Method("PTMQ, the paper's step half balanced, then per lower bit-width, 1.6 x iterations", 'multi',
+                                             {**PAPER_FIRST, **BALANCED_HALF},
+                                             "ptmq_paper_first_balanced at 1.6 (not 1.25) x multi_iters: 4/5 of them the half-balanced "
+                                             "three-pass step, 1/5 the second sweep (at multi_iters 100: 128 + 32 per unit)", iters_scale=1.6),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3
