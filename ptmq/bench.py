@@ -535,26 +535,28 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
                          f"{it.get('qdrop', '')} it replaces {c['qdrop_seconds_sum']:.0f}s together: ratio **{c['ratio']:.2f}** "
                          f"({'meets' if c['ratio'] <= lim else 'misses'} the {lim} target on {'CPU' if cpu else 'GPU'}).")
         abl = sorted({m for (m, ww, _) in by if ww == w and m.startswith('ptmq_')}, key=list(METHODS).index)
-        for m in abl:
-            ds = {a: by[(m, w, a)]['top1'] - by[('ptmq', w, a)]['top1'] for a in bits if (m, w, a) in by}
-            stds = [by[('ptmq', w, a)]['top1_std'] for a in bits if by[('ptmq', w, a)]['top1_std'] is not None]
-            spread = max(stds, default=0.0)
-            up, down = [a for a, d in ds.items() if d > spread], [a for a, d in ds.items() if d < -spread]
-            verdict = ('the full method is better' if len(down) == len(ds) else 'the variant is better' if len(up) == len(ds) else
-                       f"a trade-off: better at {', '.join(f'A{a}' for a in up)}, worse at {', '.join(f'A{a}' for a in down)}" if up and down else
-                       'mixed or within the seed spread')
-            lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) + f" against PTMQ ({verdict}; " +
-                         (f"PTMQ's largest seed std here is {spread:.2f})." if stds else "one seed: no seed spread measured here)."))
-            vs = {a: (by[(m, w, a)], by[('qdrop', w, a)]) for a in bits if (m, w, a) in by and ('qdrop', w, a) in by}
-            if vs and len(vs) == len(ds):
+        for m in abl:                                  # each variant on the bit-widths it serves (the default may not have run at this w)
+            own = sorted(a for (mm, ww, a) in by if mm == m and ww == w)
+            ds = {a: by[(m, w, a)]['top1'] - by[('ptmq', w, a)]['top1'] for a in own if ('ptmq', w, a) in by}
+            if ds:
+                stds = [by[('ptmq', w, a)]['top1_std'] for a in ds if by[('ptmq', w, a)]['top1_std'] is not None]
+                spread = max(stds, default=0.0)
+                up, down = [a for a, d in ds.items() if d > spread], [a for a, d in ds.items() if d < -spread]
+                verdict = ('the full method is better' if len(down) == len(ds) else 'the variant is better' if len(up) == len(ds) else
+                           f"a trade-off: better at {', '.join(f'A{a}' for a in up)}, worse at {', '.join(f'A{a}' for a in down)}" if up and down else
+                           'mixed or within the seed spread')
+                lines.append(f"- {METHODS[m].label}: " + ', '.join(f"A{a} {d:+.2f}" for a, d in ds.items()) + f" against PTMQ ({verdict}; " +
+                             (f"PTMQ's largest seed std here is {spread:.2f})." if stds else "one seed: no seed spread measured here)."))
+            vs = {a: (by[(m, w, a)], by[('qdrop', w, a)]) for a in own if ('qdrop', w, a) in by}
+            if vs and len(vs) == len(own):
                 c = variant_ratios.get(m, {}).get(w)
-                lines.append(f"  Against QDrop: " + ', '.join(f"A{a} {_pm(v)} vs {_pm(q)} ({v['top1'] - q['top1']:+.2f})" for a, (v, q) in vs.items()) +
+                lines.append(("  Against QDrop: " if ds else f"- {METHODS[m].label} (the default did not run at W{w}), against QDrop: ") + ', '.join(f"A{a} {_pm(v)} vs {_pm(q)} ({v['top1'] - q['top1']:+.2f})" for a, (v, q) in vs.items()) +
                              f"; at or above QDrop at every bit-width: **{'yes' if all(v['top1'] >= q['top1'] for v, q in vs.values()) else 'no'}**" +
                              (f", at **{c['ratio']:.2f}** of QDrop's time ({c['ptmq_seconds']:.0f}s against {c['qdrop_seconds_sum']:.0f}s)." if c else '.'))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"
                   for a in bits for m in ('qdrop', 'brecq') if (m, w, a) in by and by[(m, w, a)]['top1'] > by[('ptmq', w, a)]['top1']]
         if losses: lines.append(f"- Where PTMQ loses at W{w}: " + ', '.join(losses) + '.')
-        if all(('qdrop', w, a) in by for a in bits):
+        if bits and all(('qdrop', w, a) in by for a in bits):   # a claim about the default only where it ran
             below = {a: by[('ptmq', w, a)]['top1'] - by[('qdrop', w, a)]['top1'] for a in bits}
             below = {a: d for a, d in below.items() if d < 0}
             lines.append(f"- **One calibration at or above QDrop at every bit-width of W{w}**: " +
