@@ -512,6 +512,7 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
     """A short written reading of the benchmark, computed from its rows: PTMQ vs QDrop per bit-width, A8 vs FP32, cost, ablations;
     each PTMQ variant against QDrop too where QDrop ran at all its bit-widths (`variant_ratios`: `cost_ratios(records, multi=variant)`)."""
     by, variant_ratios = {(r['method'], r['w_bits'], r['a_bits']): r for r in rows}, variant_ratios or {}
+    lim = 0.5                                          # issue 14: at most half the time of the per-bit QDrop runs it replaces
     out = []
     for w in sorted({r['w_bits'] for r in rows}, reverse=True):
         bits = sorted(a for (m, ww, a) in by if m == 'ptmq' and ww == w)
@@ -529,7 +530,6 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
             lines.append(s + '.')
         if w in ratios:
             c = ratios[w]
-            lim = 0.5                                  # issue 14: at most half the time of the per-bit QDrop runs it replaces
             it = {m: f" ({'/'.join(map(str, v))} iterations per unit)" if v else '' for m, v in c.get('iters', {}).items()}
             lines.append(f"- **Cost** (W{w}): one PTMQ calibration{it.get('ptmq', '')} took {c['ptmq_seconds']:.0f}s, the {len(c['bits'])} QDrop calibrations"
                          f"{it.get('qdrop', '')} it replaces {c['qdrop_seconds_sum']:.0f}s together: ratio **{c['ratio']:.2f}** "
@@ -552,7 +552,8 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
                 c = variant_ratios.get(m, {}).get(w)
                 lines.append(("  Against QDrop: " if ds else f"- {METHODS[m].label} (the default did not run at W{w}), against QDrop: ") + ', '.join(f"A{a} {_pm(v)} vs {_pm(q)} ({v['top1'] - q['top1']:+.2f})" for a, (v, q) in vs.items()) +
                              f"; at or above QDrop at every bit-width: **{'yes' if all(v['top1'] >= q['top1'] for v, q in vs.values()) else 'no'}**" +
-                             (f", at **{c['ratio']:.2f}** of QDrop's time ({c['ptmq_seconds']:.0f}s against {c['qdrop_seconds_sum']:.0f}s)." if c else '.'))
+                             (f", at **{c['ratio']:.3f}** of QDrop's time ({c['ptmq_seconds']:.0f}s against {c['qdrop_seconds_sum']:.0f}s; "
+                              f"{'within' if c['ratio'] <= lim else 'over'} the {lim} line)." if c else '.'))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"
                   for a in bits for m in ('qdrop', 'brecq') if (m, w, a) in by and by[(m, w, a)]['top1'] > by[('ptmq', w, a)]['top1']]
         if losses: lines.append(f"- Where PTMQ loses at W{w}: " + ', '.join(losses) + '.')
