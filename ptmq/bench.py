@@ -17,10 +17,10 @@ from .blocks import set_bits
 log = logging.getLogger('ptmq')
 
 # %% auto #0
-__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'PAPER_FIRST', 'BALANCED_HALF', 'METHODS',
-           'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec', 'code_hash', 'run_key', 'run_one',
-           'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs', 'accuracy_table', 'time_table',
-           'plot_benchmark', 'plot_row', 'reading', 'row_reading']
+__all__ = ['log', 'PAPER_STEP', 'LOW_BIAS_RULE', 'TWO_STAGE_GAIN', 'QDROP_FIRST', 'PAPER_FIRST', 'BALANCED_HALF',
+           'PAPER_FIRST_BALANCED', 'METHODS', 'ROW_METHODS', 'Method', 'Run', 'BenchSetting', 'BenchmarkSpec',
+           'code_hash', 'run_key', 'run_one', 'keeps_model', 'run_benchmark', 'summarize', 'cost_ratios', 'row_costs',
+           'accuracy_table', 'time_table', 'plot_benchmark', 'plot_row', 'reading', 'row_reading']
 
 # %% ../nbs/12_benchmark.ipynb #5723d097
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ QDROP_FIRST = {'stage1': 'qdrop', 'step_passes': 'one', 'bit_bias': 'lower', 'bi
                'stage2_share': 0.2}   # per-bit QDrop at the highest bit-width (QDrop's rates: PAPER_STEP's), then 1/4 of its iterations for the lower ones
 PAPER_FIRST = {**QDROP_FIRST, 'stage1': 'paper', 'step_passes': 'all', 'lr_bias_schedule': 'cosine'}   # the paper's step first, the same second stage
 BALANCED_HALF = {'gd_fp': 'each', 'gd_balance': 0.5}   # GD-Loss per pass, each pass's terms weighted (mean / its own)^0.5
+PAPER_FIRST_BALANCED = {**PAPER_FIRST, **BALANCED_HALF}   # the paper's step half balanced first, the same second stage
 
 METHODS: dict[str, Method] = {
     'rtn': Method('round-to-nearest', 'rtn', {}, 'observer ranges, weights rounded to nearest, no reconstruction'),
@@ -131,12 +132,12 @@ METHODS: dict[str, Method] = {
                                     "and the lower bit-widths' shifts and gains training beside the rounding (stage1_shifts); "
                                     "1.25 x multi_iters in all", iters_scale=1.25),
     'ptmq_paper_first_balanced': Method("PTMQ, the paper's step with GD-Loss half balanced, then steps, shifts and gains per lower bit-width", 'multi',
-                                        {**PAPER_FIRST, **BALANCED_HALF},
+                                        PAPER_FIRST_BALANCED,
                                         "ptmq_paper_first with its three-pass step's GD-Loss per pass and half balanced (gd_fp 'each', "
                                         "gd_balance 0.5): the rounding and the highest bit-width ARE ptmq_balanced_half's at 4/5 of the "
                                         "iterations; 1.25 x multi_iters in all", iters_scale=1.25),
     'ptmq_paper_first_balanced_long': Method("PTMQ, the paper's step half balanced, then per lower bit-width, 1.6 x iterations", 'multi',
-                                             {**PAPER_FIRST, **BALANCED_HALF},
+                                             PAPER_FIRST_BALANCED,
                                              "ptmq_paper_first_balanced at 1.6 (not 1.25) x multi_iters: 4/5 of them the half-balanced "
                                              "three-pass step, 1/5 the second sweep (at multi_iters 100: 128 + 32 per unit)", iters_scale=1.6),
 }
