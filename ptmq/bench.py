@@ -509,14 +509,13 @@ def plot_row(rows: Sequence[dict[str, Any]], fp32: float, path: str | Path | Non
 def _pm(r): return f"{r['top1']:.2f}" + (f" ± {r['top1_std']:.2f}" if r['top1_std'] is not None else '')
 
 def _share(ratio: float) -> str: return f"**{ratio:.3f}**"    # a cost ratio as every reading prints it: 3 decimals, so 0.501 shows over the line
-def _vs_line(ratio: float, lim: float = 0.5) -> str: return f"{'within' if ratio <= lim else 'over'} the {lim} line"
+def _vs_line(ratio: float, lim: float = 0.5) -> str: return f"{'within' if ratio <= lim else 'over'} the {lim} line"   # issue 14: at most half the per-bit QDrop runs' time
 
 def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[str, float]], cpu: bool = True,
             variant_ratios: dict[str, dict[int, dict[str, float]]] | None = None) -> str:
     """A short written reading of the benchmark, computed from its rows: PTMQ vs QDrop per bit-width, A8 vs FP32, cost, ablations;
     each PTMQ variant against QDrop too where QDrop ran at all its bit-widths (`variant_ratios`: `cost_ratios(records, multi=variant)`)."""
     by, variant_ratios = {(r['method'], r['w_bits'], r['a_bits']): r for r in rows}, variant_ratios or {}
-    lim = 0.5                                          # issue 14: at most half the time of the per-bit QDrop runs it replaces
     out = []
     for w in sorted({r['w_bits'] for r in rows}, reverse=True):
         bits = sorted(a for (m, ww, a) in by if m == 'ptmq' and ww == w)
@@ -537,7 +536,7 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
             it = {m: f" ({'/'.join(map(str, v))} iterations per unit)" if v else '' for m, v in c.get('iters', {}).items()}
             lines.append(f"- **Cost** (W{w}): one PTMQ calibration{it.get('ptmq', '')} took {c['ptmq_seconds']:.0f}s, the {len(c['bits'])} QDrop calibrations"
                          f"{it.get('qdrop', '')} it replaces {c['qdrop_seconds_sum']:.0f}s together: ratio {_share(c['ratio'])} "
-                         f"({_vs_line(c['ratio'], lim)} on {'CPU' if cpu else 'GPU'}).")
+                         f"({_vs_line(c['ratio'])} on {'CPU' if cpu else 'GPU'}).")
         abl = sorted({m for (m, ww, _) in by if ww == w and m.startswith('ptmq_')}, key=list(METHODS).index)
         for m in abl:                                  # each variant on the bit-widths it serves (the default may not have run at this w)
             own = sorted(a for (mm, ww, a) in by if mm == m and ww == w)
@@ -557,7 +556,7 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
                 lines.append(("  Against QDrop: " if ds else f"- {METHODS[m].label} (the default did not run at W{w}), against QDrop: ") + ', '.join(f"A{a} {_pm(v)} vs {_pm(q)} ({v['top1'] - q['top1']:+.2f})" for a, (v, q) in vs.items()) +
                              f"; at or above QDrop at every bit-width: **{'yes' if all(v['top1'] >= q['top1'] for v, q in vs.values()) else 'no'}**" +
                              (f", at {_share(c['ratio'])} of QDrop's time ({c['ptmq_seconds']:.0f}s against {c['qdrop_seconds_sum']:.0f}s; "
-                              f"{_vs_line(c['ratio'], lim)})." if c else '.'))
+                              f"{_vs_line(c['ratio'])})." if c else '.'))
         losses = [f"A{a} ({by[('ptmq', w, a)]['top1'] - by[(m, w, a)]['top1']:+.2f} vs {METHODS[m].label})"
                   for a in bits for m in ('qdrop', 'brecq') if (m, w, a) in by and by[(m, w, a)]['top1'] > by[('ptmq', w, a)]['top1']]
         if losses: lines.append(f"- Where PTMQ loses at W{w}: " + ', '.join(losses) + '.')
@@ -566,7 +565,7 @@ def reading(rows: Sequence[dict[str, Any]], fp32: float, ratios: dict[int, dict[
             below = {a: d for a, d in below.items() if d < 0}
             lines.append(f"- **One calibration at or above QDrop at every bit-width of W{w}**: " +
                          ('**yes**' if not below else '**no**, below at ' + ', '.join(f"A{a} ({d:+.2f})" for a, d in below.items())) +
-                         (f"; at {_share(ratios[w]['ratio'])} of QDrop's time ({_vs_line(ratios[w]['ratio'], lim)})." if w in ratios else '.'))
+                         (f"; at {_share(ratios[w]['ratio'])} of QDrop's time ({_vs_line(ratios[w]['ratio'])})." if w in ratios else '.'))
         out += lines
     return '\n'.join(out)
 
