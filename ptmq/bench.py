@@ -140,6 +140,10 @@ METHODS: dict[str, Method] = {
                                              PAPER_FIRST_BALANCED,
                                              "ptmq_paper_first_balanced at 1.6 (not 1.25) x multi_iters: 4/5 of them the half-balanced "
                                              "three-pass step, 1/5 the second sweep (at multi_iters 100: 128 + 32 per unit)", iters_scale=1.6),
+    'ptmq_paper_first_balanced_lr2': Method("PTMQ, the paper's step half balanced at twice the rounding's rate, then per lower bit-width, 1.6 x iterations",
+                                            'multi', {**PAPER_FIRST_BALANCED, 'lr_alpha': 2e-3},
+                                            "ptmq_paper_first_balanced_long with the rounding's Adam rate 2e-3 (QDrop's 1e-3 doubled) in the "
+                                            "three-pass step; the second sweep keeps the rounding fixed (128 + 32 per unit at multi_iters 100)", iters_scale=1.6),
 }
 
 # %% ../nbs/12_benchmark.ipynb #eb88fbd3

@@ -85,6 +85,7 @@ def test_run_config_is_the_method_switch_and_nothing_else():
     pfb, pf = Run('ptmq_paper_first_balanced', 3, g, 0).config(base), Run('ptmq_paper_first', 3, g, 0).config(base)
     assert pfb == dataclasses.replace(pf, gd_fp='each', gd_balance=0.5) and pfb.iters == round(base.iters * 1.25)
     assert Run('ptmq_paper_first_balanced_long', 3, g, 0).config(base) == dataclasses.replace(pfb, iters=round(base.iters * 1.6))   # the same rule, longer
+    assert Run('ptmq_paper_first_balanced_lr2', 3, g, 0).config(base) == dataclasses.replace(pfb, iters=round(base.iters * 1.6), lr_alpha=2e-3)   # and the rounding faster
     # apart from the switch, every method gets the same settings
     common = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('single_bits', 'drop_prob', 'block_drop', 'seed', 'mfm', 'gd_weights', 'detach_teacher')}
     assert common(q) == common(Run('ptmq', 4, g, 0).config(base))
